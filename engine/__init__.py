@@ -1,0 +1,1 @@
+"""Cartridge Desktop engine: corpus -> synthesis -> training -> cartridge -> inference."""

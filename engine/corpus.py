@@ -1,0 +1,98 @@
+"""A version's corpus text, assembled deterministically, and random token spans (chunks) drawn from it.
+
+Each chunk records the files it comes from, so later work can reuse or drop data per file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+from engine import registry
+from engine.tokenizer import backend_tokenizer
+
+FILE_HEADER = "### File: {path}\n"
+
+
+@dataclass
+class Document:
+    path: str
+    sha256: str
+    text: str
+
+
+@dataclass
+class Chunk:
+    text: str
+    files: list[str]
+    file_hashes: list[str]
+    start: int  # first token index in the corpus text
+    n_tokens: int
+
+
+def version_documents(db, version: dict) -> list[Document]:
+    """The included files of a version, sorted by path, with their exact stored text."""
+    return [Document(f["path"], f["sha256"], registry.blob_text(db, f["sha256"]))
+            for f in registry.version_files(db, version["id"])]
+
+
+def assemble(documents: list[Document]) -> str:
+    """Corpus text: each file preceded by a header line with its relative path, in path order."""
+    return "".join(FILE_HEADER.format(path=d.path) + d.text.rstrip("\n") + "\n\n"
+                   for d in sorted(documents, key=lambda d: d.path))
+
+
+class ChunkSampler:
+    """Draws random spans of N tokens from the assembled corpus text."""
+
+    def __init__(self, documents: list[Document], tokenizer_spec: str | None = None):
+        self.documents = sorted(documents, key=lambda d: d.path)
+        self.text = assemble(self.documents)
+        encoding = backend_tokenizer(tokenizer_spec).encode(self.text, add_special_tokens=False)
+        self.offsets = encoding.offsets  # (start char, end char) per token
+        self.n_tokens = len(self.offsets)
+        # Character and token ranges of each file's block (header included).
+        self.char_starts, position = [], 0
+        for doc in self.documents:
+            self.char_starts.append(position)
+            position += len(FILE_HEADER.format(path=doc.path)) + len(doc.text.rstrip("\n")) + 2
+        token_starts = [offset[0] for offset in self.offsets]
+        self.token_starts = [bisect.bisect_left(token_starts, c) for c in self.char_starts] + [self.n_tokens]
+
+    def _doc_at_char(self, char: int) -> int:
+        return max(0, bisect.bisect_right(self.char_starts, char) - 1)
+
+    def span(self, start: int, n_tokens: int) -> Chunk:
+        """The chunk of tokens [start, start + n_tokens), prefixed with its file header when it starts mid-file."""
+        end = min(self.n_tokens, start + n_tokens)
+        first_char, last_char = self.offsets[start][0], self.offsets[end - 1][1]
+        first_doc, last_doc = self._doc_at_char(first_char), self._doc_at_char(max(first_char, last_char - 1))
+        text = self.text[first_char:last_char]
+        if first_char != self.char_starts[first_doc]:
+            text = FILE_HEADER.format(path=self.documents[first_doc].path).rstrip("\n") + " (continued)\n" + text
+        docs = self.documents[first_doc:last_doc + 1]
+        return Chunk(text, [d.path for d in docs], [d.sha256 for d in docs], start, end - start)
+
+    def sample(self, n_tokens: int, rng: random.Random, only_files: set[str] | None = None) -> Chunk:
+        """A random span; with `only_files`, a span inside one of those files (clipped at its end)."""
+        if only_files is None:
+            start = rng.randrange(0, max(1, self.n_tokens - n_tokens + 1))
+            return self.span(start, n_tokens)
+        candidates = [i for i, d in enumerate(self.documents) if d.path in only_files]
+        if not candidates:
+            raise ValueError("none of the requested files is in this corpus")
+        weights = [self.token_starts[i + 1] - self.token_starts[i] for i in candidates]
+        index = rng.choices(candidates, weights=weights)[0]
+        lo, hi = self.token_starts[index], self.token_starts[index + 1]
+        start = rng.randrange(lo, max(lo + 1, hi - n_tokens + 1))
+        return self.span(start, min(n_tokens, hi - start))
+
+    def sample_many(self, count: int, n_tokens: int, seed: int = 0, only_files: set[str] | None = None) -> list[Chunk]:
+        rng = random.Random(seed)
+        return [self.sample(n_tokens, rng, only_files) for _ in range(count)]
+
+    def prefix(self, n_tokens: int) -> str:
+        """The text of the first `n_tokens` tokens (used to initialise a cartridge)."""
+        end = min(self.n_tokens, n_tokens)
+        return self.text[: self.offsets[end - 1][1]] if end else ""

@@ -1,0 +1,389 @@
+"""The SQLite registry: corpora, files, versions, training runs, chats and events.
+
+This is the only module that speaks SQL. Schema changes are forward-only migrations: each is a new
+function appended to MIGRATIONS, applied once and recorded in `_migrations`; `PRAGMA user_version`
+mirrors the count so other tools can read the schema version cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+from engine.errors import UserError
+from engine.paths import registry_path
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn):
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["corpora"].create(
+        {"id": int, "name": str, "root": str, "created": float, "ignore": str, "options": str,
+         "current_version": int, "watch": int},
+        pk="id", not_null={"name", "root"}, defaults={"ignore": "[]", "options": "{}", "watch": 0},
+    )
+    db["corpora"].create_index(["name"], unique=True)
+    db["corpora"].create_index(["root"], unique=True)
+    db["files"].create(
+        {"id": int, "corpus_id": int, "path": str, "size": int, "mtime_ns": int, "sha256": str,
+         "tokens": int, "status": str, "reason": str, "encoding": str, "updated": float},
+        pk="id", foreign_keys=[("corpus_id", "corpora", "id")], not_null={"corpus_id", "path", "status"},
+    )
+    db["files"].create_index(["corpus_id", "path"], unique=True)
+    db["blobs"].create({"sha256": str, "text": str}, pk="sha256")
+    db["versions"].create(
+        {"id": int, "corpus_id": int, "number": int, "manifest_hash": str, "files": int, "tokens": int,
+         "status": str, "created": float, "cartridge": str, "error": str},
+        pk="id", foreign_keys=[("corpus_id", "corpora", "id")], not_null={"corpus_id", "number", "status"},
+    )
+    db["versions"].create_index(["corpus_id", "number"], unique=True)
+    db["version_files"].create(
+        {"version_id": int, "path": str, "sha256": str, "tokens": int},
+        pk=("version_id", "path"), foreign_keys=[("version_id", "versions", "id"), ("sha256", "blobs", "sha256")],
+    )
+
+
+@migration
+def m002_training_runs(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {"id": int, "corpus_id": int, "version_id": int, "status": str, "config": str, "started": float,
+         "finished": float, "error": str, "cartridge": str, "summary": str, "pid": int},
+        pk="id", foreign_keys=[("corpus_id", "corpora", "id"), ("version_id", "versions", "id")],
+    )
+    db["run_metrics"].create(
+        {"run_id": int, "phase": str, "step": int, "loss": float, "tokens_per_s": float, "elapsed_s": float,
+         "data": str},
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["run_metrics"].create_index(["run_id", "step"])
+
+
+@migration
+def m003_chats_and_events(db: sqlite_utils.Database) -> None:
+    db["chats"].create(
+        {"id": int, "title": str, "created": float, "updated": float, "corpora": str, "mode": str},
+        pk="id",
+    )
+    db["messages"].create(
+        {"id": int, "chat_id": int, "role": str, "content": str, "created": float, "meta": str},
+        pk="id", foreign_keys=[("chat_id", "chats", "id")],
+    )
+    db["messages"].create_index(["chat_id"])
+    db["events"].create(
+        {"id": int, "corpus_id": int, "kind": str, "message": str, "created": float, "data": str},
+        pk="id", foreign_keys=[("corpus_id", "corpora", "id")],
+    )
+    db["events"].create_index(["corpus_id", "created"])
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply, in order, the migrations not yet recorded."""
+    db["_migrations"].create({"name": str, "applied_at": float}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db["_migrations"].rows}
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.atomic():
+            fn(db)
+            db["_migrations"].insert({"name": fn.__name__, "applied_at": time.time()})
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+
+def open_registry(path: Path | None = None) -> sqlite_utils.Database:
+    """Open (creating and migrating as needed) the registry with WAL and foreign keys on."""
+    path = Path(path) if path else registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        migrate(db)
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"cannot open the registry {path}: {exc}") from None
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database):
+    """All-or-nothing block: on any exception nothing written inside it stays."""
+    with db.atomic():
+        yield db
+
+
+# -- corpora ---------------------------------------------------------------------------------------
+
+def _decode_corpus(row: dict) -> dict:
+    row = dict(row)
+    row["ignore"] = json.loads(row.get("ignore") or "[]")
+    row["options"] = json.loads(row.get("options") or "{}")
+    row["watch"] = bool(row.get("watch"))
+    return row
+
+
+def find_corpus(db, *, name: str | None = None, root: str | None = None) -> dict | None:
+    where, args = ("name = ?", [name]) if name is not None else ("root = ?", [root])
+    rows = list(db["corpora"].rows_where(where, args))
+    return _decode_corpus(rows[0]) if rows else None
+
+
+def get_corpus(db, name: str) -> dict:
+    """The corpus called `name`, or a UserError listing the known names."""
+    corpus = find_corpus(db, name=name)
+    if corpus is None:
+        known = ", ".join(c["name"] for c in list_corpora(db)) or "none yet; run `cartridge ingest PATH`"
+        raise UserError(f"no corpus named {name!r} (known: {known})")
+    return corpus
+
+
+def list_corpora(db) -> list[dict]:
+    return [_decode_corpus(r) for r in db["corpora"].rows_where(order_by="name")]
+
+
+def create_corpus(db, name: str, root: str, ignore: list[str] | None = None, options: dict | None = None) -> dict:
+    corpus_id = db["corpora"].insert(
+        {"name": name, "root": root, "created": time.time(), "ignore": json.dumps(ignore or []),
+         "options": json.dumps(options or {}), "current_version": None, "watch": 0}
+    ).last_pk
+    return _decode_corpus(db["corpora"].get(corpus_id))
+
+
+def update_corpus(db, corpus_id: int, **fields) -> None:
+    for key in ("ignore", "options"):
+        if key in fields:
+            fields[key] = json.dumps(fields[key])
+    if "watch" in fields:
+        fields["watch"] = int(bool(fields["watch"]))
+    db["corpora"].update(corpus_id, fields)
+
+
+def rename_corpus(db, name: str, new_name: str) -> None:
+    corpus = get_corpus(db, name)
+    if find_corpus(db, name=new_name):
+        raise UserError(f"a corpus named {new_name!r} already exists")
+    update_corpus(db, corpus["id"], name=new_name)
+
+
+def delete_corpus(db, corpus_id: int) -> None:
+    """Forget a corpus and everything recorded about it (files on disk are untouched)."""
+    with db.atomic():
+        version_ids = [v["id"] for v in db["versions"].rows_where("corpus_id = ?", [corpus_id])]
+        run_ids = [r["id"] for r in db["runs"].rows_where("corpus_id = ?", [corpus_id])]
+        for run_id in run_ids:
+            db.execute("DELETE FROM run_metrics WHERE run_id = ?", [run_id])
+        db.execute("DELETE FROM runs WHERE corpus_id = ?", [corpus_id])
+        for version_id in version_ids:
+            db.execute("DELETE FROM version_files WHERE version_id = ?", [version_id])
+        db.execute("DELETE FROM versions WHERE corpus_id = ?", [corpus_id])
+        db.execute("DELETE FROM files WHERE corpus_id = ?", [corpus_id])
+        db.execute("DELETE FROM events WHERE corpus_id = ?", [corpus_id])
+        db.execute("DELETE FROM corpora WHERE id = ?", [corpus_id])
+        db.execute("DELETE FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
+
+
+# -- files catalog ---------------------------------------------------------------------------------
+
+def file_catalog(db, corpus_id: int) -> dict[str, dict]:
+    """The last scan's record of every file, keyed by relative path."""
+    return {r["path"]: r for r in db["files"].rows_where("corpus_id = ?", [corpus_id])}
+
+
+def replace_file_catalog(db, corpus_id: int, rows: Iterable[dict]) -> None:
+    now = time.time()
+    db.execute("DELETE FROM files WHERE corpus_id = ?", [corpus_id])
+    db["files"].insert_all(({**r, "corpus_id": corpus_id, "updated": now} for r in rows), batch_size=1000)
+
+
+def store_blobs(db, texts: dict[str, str]) -> None:
+    """Content-addressed file texts (sha256 -> text), so every version can be rebuilt exactly."""
+    db["blobs"].insert_all(({"sha256": h, "text": t} for h, t in texts.items()), ignore=True, batch_size=200)
+
+
+def has_blob(db, sha256: str) -> bool:
+    return db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", [sha256]).fetchone() is not None
+
+
+def blob_text(db, sha256: str) -> str:
+    row = db.execute("SELECT text FROM blobs WHERE sha256 = ?", [sha256]).fetchone()
+    if row is None:
+        raise UserError(f"the registry lost the text of a file (sha256 {sha256[:12]}); re-ingest the folder")
+    return row[0]
+
+
+# -- versions --------------------------------------------------------------------------------------
+
+def list_versions(db, corpus_id: int) -> list[dict]:
+    return list(db["versions"].rows_where("corpus_id = ?", [corpus_id], order_by="number"))
+
+
+def latest_version(db, corpus_id: int) -> dict | None:
+    rows = list(db["versions"].rows_where("corpus_id = ?", [corpus_id], order_by="number desc", limit=1))
+    return rows[0] if rows else None
+
+
+def get_version(db, corpus: dict, number: int | None = None) -> dict:
+    """Version `number` of the corpus, or the current one (else the latest)."""
+    if number is None:
+        number = corpus.get("current_version")
+        if number is None:
+            latest = latest_version(db, corpus["id"])
+            if latest is None:
+                raise UserError(f"corpus {corpus['name']!r} has no version yet; run `cartridge ingest`")
+            return latest
+    rows = list(db["versions"].rows_where("corpus_id = ? AND number = ?", [corpus["id"], number]))
+    if not rows:
+        raise UserError(f"corpus {corpus['name']!r} has no version {number}")
+    return rows[0]
+
+
+def create_version(db, corpus_id: int, manifest_hash: str, files: list[dict]) -> dict:
+    """Record a new version whose manifest is `files` ({path, sha256, tokens})."""
+    latest = latest_version(db, corpus_id)
+    number = (latest["number"] + 1) if latest else 1
+    version_id = db["versions"].insert(
+        {"corpus_id": corpus_id, "number": number, "manifest_hash": manifest_hash, "files": len(files),
+         "tokens": sum(f["tokens"] for f in files), "status": "scanned", "created": time.time(),
+         "cartridge": None, "error": None}
+    ).last_pk
+    db["version_files"].insert_all(({**f, "version_id": version_id} for f in files), batch_size=1000)
+    return db["versions"].get(version_id)
+
+
+def version_files(db, version_id: int) -> list[dict]:
+    return list(db["version_files"].rows_where("version_id = ?", [version_id], order_by="path"))
+
+
+def update_version(db, version_id: int, **fields) -> None:
+    db["versions"].update(version_id, fields)
+
+
+def set_current_version(db, corpus: dict, number: int) -> None:
+    version = get_version(db, corpus, number)
+    if version["status"] != "ready":
+        raise UserError(f"version {number} of {corpus['name']!r} has no trained cartridge (status {version['status']})")
+    update_corpus(db, corpus["id"], current_version=number)
+
+
+# -- training runs ---------------------------------------------------------------------------------
+
+def create_run(db, corpus_id: int, version_id: int, config: dict, pid: int | None = None) -> int:
+    return db["runs"].insert(
+        {"corpus_id": corpus_id, "version_id": version_id, "status": "running", "config": json.dumps(config),
+         "started": time.time(), "finished": None, "error": None, "cartridge": None, "summary": None, "pid": pid}
+    ).last_pk
+
+
+def finish_run(db, run_id: int, status: str, *, error: str | None = None, cartridge: str | None = None,
+               summary: dict | None = None) -> None:
+    db["runs"].update(run_id, {"status": status, "finished": time.time(), "error": error, "cartridge": cartridge,
+                               "summary": json.dumps(summary) if summary is not None else None})
+
+
+def get_run(db, run_id: int) -> dict:
+    return db["runs"].get(run_id)
+
+
+def list_runs(db, corpus_id: int | None = None, status: str | None = None) -> list[dict]:
+    clauses, args = [], []
+    if corpus_id is not None:
+        clauses.append("corpus_id = ?")
+        args.append(corpus_id)
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status)
+    return list(db["runs"].rows_where(" AND ".join(clauses) or None, args, order_by="id"))
+
+
+def add_metric(db, run_id: int, phase: str, step: int, *, loss: float | None = None,
+               tokens_per_s: float | None = None, elapsed_s: float | None = None, data: dict | None = None) -> None:
+    db["run_metrics"].insert({"run_id": run_id, "phase": phase, "step": step, "loss": loss,
+                              "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s,
+                              "data": json.dumps(data) if data else None})
+
+
+def run_metrics(db, run_id: int, phase: str | None = None) -> list[dict]:
+    if phase is None:
+        return list(db["run_metrics"].rows_where("run_id = ?", [run_id], order_by="rowid"))
+    return list(db["run_metrics"].rows_where("run_id = ? AND phase = ?", [run_id, phase], order_by="rowid"))
+
+
+# -- chats -----------------------------------------------------------------------------------------
+
+def create_chat(db, title: str, corpora: list[str], mode: str) -> int:
+    now = time.time()
+    return db["chats"].insert({"title": title, "created": now, "updated": now, "corpora": json.dumps(corpora),
+                               "mode": mode}).last_pk
+
+
+def add_message(db, chat_id: int, role: str, content: str, meta: dict | None = None) -> int:
+    now = time.time()
+    with db.atomic():
+        message_id = db["messages"].insert({"chat_id": chat_id, "role": role, "content": content, "created": now,
+                                            "meta": json.dumps(meta or {})}).last_pk
+        db["chats"].update(chat_id, {"updated": now})
+    return message_id
+
+
+def list_chats(db) -> list[dict]:
+    rows = list(db["chats"].rows_where(order_by="updated desc"))
+    for row in rows:
+        row["corpora"] = json.loads(row["corpora"] or "[]")
+    return rows
+
+
+def get_chat(db, chat_id: int) -> dict:
+    try:
+        chat = db["chats"].get(chat_id)
+    except sqlite_utils.db.NotFoundError:
+        raise UserError(f"no chat with id {chat_id}") from None
+    chat["corpora"] = json.loads(chat["corpora"] or "[]")
+    chat["messages"] = [{**m, "meta": json.loads(m["meta"] or "{}")}
+                        for m in db["messages"].rows_where("chat_id = ?", [chat_id], order_by="id")]
+    return chat
+
+
+def rename_chat(db, chat_id: int, title: str) -> None:
+    get_chat(db, chat_id)
+    db["chats"].update(chat_id, {"title": title})
+
+
+def delete_chat(db, chat_id: int) -> None:
+    with db.atomic():
+        db.execute("DELETE FROM messages WHERE chat_id = ?", [chat_id])
+        db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
+
+
+def delete_last_messages(db, chat_id: int, count: int) -> None:
+    ids = [m["id"] for m in db["messages"].rows_where("chat_id = ?", [chat_id], order_by="id desc", limit=count)]
+    with db.atomic():
+        for message_id in ids:
+            db.execute("DELETE FROM messages WHERE id = ?", [message_id])
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+def add_event(db, corpus_id: int | None, kind: str, message: str, data: dict | None = None) -> None:
+    db["events"].insert({"corpus_id": corpus_id, "kind": kind, "message": message, "created": time.time(),
+                         "data": json.dumps(data) if data else None})
+
+
+def list_events(db, corpus_id: int | None = None, limit: int = 100) -> list[dict]:
+    where, args = ("corpus_id = ?", [corpus_id]) if corpus_id is not None else (None, [])
+    return list(db["events"].rows_where(where, args, order_by="id desc", limit=limit))

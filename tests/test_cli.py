@@ -1,0 +1,43 @@
+"""The real `cartridge` command line in a subprocess: JSON documents and exit codes."""
+
+import json
+
+from conftest import run_cli, write
+
+
+def test_ingest_list_versions_json(tmp_path, cartridge_home):
+    root = tmp_path / "vault"
+    write(root, "one.md", "First note about the lighthouse.\n")
+    write(root, "keys/id_rsa", "-----BEGIN KEY-----\n")
+    proc = run_cli("ingest", str(root), "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["corpus"] == {"name": "vault", "root": str(root.resolve())}
+    assert doc["version"] == 1 and doc["changed"] is True and doc["tokens"] > 0
+    files = {f["path"]: f for f in doc["files"]}
+    assert files["one.md"]["status"] == "included" and files["one.md"]["tokens"] > 0
+    assert files["keys/id_rsa"] == {"path": "keys/id_rsa", "status": "skipped", "reason": "secret", "tokens": None}
+
+    again = json.loads(run_cli("ingest", str(root), "--json", env_home=cartridge_home).stdout)
+    assert again["changed"] is False and again["version"] == 1
+
+    listing = json.loads(run_cli("list", "--json", env_home=cartridge_home).stdout)
+    assert [c["name"] for c in listing["corpora"]] == ["vault"]
+
+    versions = json.loads(run_cli("versions", "vault", "--json", env_home=cartridge_home).stdout)
+    assert [v["number"] for v in versions["versions"]] == [1]
+    assert {"number", "status", "files", "tokens", "created"} <= set(versions["versions"][0])
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, cartridge_home):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = write(tmp_path, "f.md", "x\n")
+    for args in [("ingest", str(tmp_path / "missing")), ("ingest", str(a_file)), ("ingest", str(empty)),
+                 ("versions", "nope"), ("frobnicate",), ("ingest",)]:
+        proc = run_cli(*args, env_home=cartridge_home)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    listing = json.loads(run_cli("list", "--json", env_home=cartridge_home).stdout)
+    assert listing == {"corpora": []}
