@@ -1,0 +1,362 @@
+"""Context distillation: train the cartridge so that the model *without* the corpus in context answers
+like the model *with* it (the teacher's top-k distributions stored by self-study).
+
+A plain loop: batch -> forward with the cartridge in front -> loss at supervised positions -> Adam step
+on the cartridge only. The data order is a pure function of (seed, step), which makes resuming from a
+checkpoint exact without pickling any RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.conversations import Conversation
+from engine.errors import UserError
+from engine.models import LoadedModel, chat_ids
+
+LOSS_ON = ("assistant", "all")
+
+
+@dataclass
+class TrainConfig:
+    p: int = 128  # virtual tokens in the cartridge
+    conversations: int = 120  # self-study conversations to synthesize
+    steps: int | None = None  # None: one pass over the conversations
+    batch_size: int = 4
+    lr: float = 2e-2
+    chunk_tokens: int = 512  # corpus chunk size shown to the teacher during synthesis
+    loss_on: str = "assistant"  # "all" also trains on the user turn (hard labels, see `_user_positions`)
+    seed: int = 0
+    checkpoint_every: int = 25
+    max_tokens: int = 1024  # cap on one conversation's student tokens (prompt + answer)
+    max_answer_tokens: int = 192  # synthesis: answer length cap
+    max_user_tokens: int = 96  # synthesis: user message length cap
+
+    def total_steps(self, n_conversations: int) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(n_conversations / self.batch_size))
+
+    def replace(self, **overrides) -> "TrainConfig":
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise UserError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        values = asdict(self)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig(**values)
+
+
+# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15 minutes.
+# standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
+PRESETS: dict[str, TrainConfig] = {
+    "quick": TrainConfig(p=128, conversations=96, steps=None, batch_size=4, chunk_tokens=512,
+                         checkpoint_every=10, max_answer_tokens=128, max_user_tokens=64),
+    "standard": TrainConfig(p=512, conversations=4096, steps=None, batch_size=16, chunk_tokens=1024,
+                            checkpoint_every=50, max_answer_tokens=256, max_user_tokens=96),
+    "thorough": TrainConfig(p=1024, conversations=16384, steps=None, batch_size=32, chunk_tokens=2048,
+                            checkpoint_every=100, max_tokens=2048, max_answer_tokens=384, max_user_tokens=128),
+}
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_s: float
+    lr: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainResult:
+    loss_first: float  # mean loss of the first (up to) 5 steps
+    loss_last: float  # mean loss of the last (up to) 5 steps
+    steps: int
+    seconds: float
+    tokens_per_s: float
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _Example:
+    ids: list[int]  # student tokens: chat prompt + answer[:-1]
+    positions: list[int]  # where the student predicts answer[j] (teacher top-k row j)
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    hard_positions: list[int]  # loss_on="all": positions predicting a user-turn token ...
+    hard_targets: list[int]  # ... and those tokens
+
+
+def _user_positions(tokenizer, user: str, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(positions, targets) for next-token loss on the user's words inside the chat prompt.
+
+    The teacher has no distribution for the user turn (it was sampled under another prompt), so
+    loss_on="all" trains those tokens with plain cross-entropy on the sampled words.
+    """
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    start = text.rfind(user)
+    if not user or start < 0:
+        return [], []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != prompt_ids:
+        return [], []
+    end = start + len(user)
+    tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a >= start and b <= end and b > a]
+    tokens = [t for t in tokens if t > 0]
+    return [t - 1 for t in tokens], [prompt_ids[t] for t in tokens]
+
+
+def _example(lm: LoadedModel, conv: Conversation, cfg: TrainConfig, p: int) -> _Example | None:
+    prompt = chat_ids(lm.tokenizer, [{"role": "user", "content": conv.user}], add_generation_prompt=True)
+    limit = min(cfg.max_tokens, lm.max_positions - p)
+    n = min(conv.n_tokens, limit - len(prompt) + 1)
+    if n <= 0:
+        return None
+    answer = [int(t) for t in conv.answer_ids[:n]]
+    ids = prompt + answer[:-1]
+    positions = list(range(len(prompt) - 1, len(prompt) - 1 + n))
+    hard_pos, hard_tgt = ([], [])
+    if cfg.loss_on == "all":
+        hard_pos, hard_tgt = _user_positions(lm.tokenizer, conv.user, prompt)
+    return _Example(ids, positions, conv.topk_ids[:n], conv.topk_logprobs[:n], hard_pos, hard_tgt)
+
+
+def _collate(examples: list[_Example], pad_id: int, device: torch.device) -> dict:
+    """Right-padded batch (the cartridge sits at 0..p-1, so every row starts at position p)."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    keep = torch.zeros((len(examples), width), dtype=torch.bool)
+    hard_keep = torch.zeros((len(examples), width), dtype=torch.bool)
+    topk_ids, topk_lp, hard_targets = [], [], []
+    for row, e in enumerate(examples):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        mask[row, : len(e.ids)] = 1
+        keep[row, e.positions] = True
+        topk_ids.append(torch.from_numpy(np.asarray(e.topk_ids, dtype=np.int64)))
+        topk_lp.append(torch.from_numpy(np.asarray(e.topk_logprobs, dtype=np.float32)))
+        if e.hard_positions:
+            hard_keep[row, e.hard_positions] = True
+            hard_targets.extend(e.hard_targets)
+    # logits_to_keep with a boolean mask returns rows in (batch, position) order, like these concatenations.
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "keep": (keep | hard_keep).to(device),
+        "is_soft": keep[keep | hard_keep].to(device),
+        "topk_ids": torch.cat(topk_ids).to(device),
+        "topk_logprobs": torch.cat(topk_lp).to(device),
+        "hard_targets": torch.tensor(hard_targets, dtype=torch.long, device=device),
+        "n_tokens": int(mask.sum()),
+    }
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Conversation indices for `step`: a stream of per-epoch permutations seeded by (seed, epoch)."""
+    orders: dict[int, np.ndarray] = {}
+    out = []
+    for flat in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(flat, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(orders[epoch][pos]))
+    return out
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
+    """Mean over supervised tokens of -sum_k p_teacher(k) * log p_student(k).
+
+    p_teacher = exp(stored top-k log-probs), not renormalised: this is the cross-entropy against the
+    teacher restricted to its top-k (equal to the KL up to a constant), and positions where the teacher
+    spreads mass beyond its top-k simply weigh a little less.
+    """
+    with autocast:
+        out = peft_model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            logits_to_keep=batch["keep"],
+        )
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [n_supervised, vocab]
+    soft = logp[batch["is_soft"]]
+    per_token = -(batch["topk_logprobs"].exp() * soft.gather(-1, batch["topk_ids"])).sum(-1)
+    if batch["hard_targets"].numel():
+        hard = logp[~batch["is_soft"]]
+        per_token = torch.cat([per_token, -hard.gather(-1, batch["hard_targets"][:, None])[:, 0]])
+    return per_token.mean()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+def _trainable(peft_model) -> torch.nn.Parameter:
+    return peft_model.prompt_encoder[peft_model.active_adapter].trainable_embedding
+
+
+def _encoder(peft_model):
+    return peft_model.prompt_encoder[peft_model.active_adapter]
+
+
+def _checkpoint_identity(cfg: TrainConfig, peft_model, lm: LoadedModel, n_conversations: int) -> dict:
+    encoder = _encoder(peft_model)
+    return {
+        "p": encoder.num_frozen_tokens + encoder.num_trainable_tokens,
+        "num_frozen_tokens": encoder.num_frozen_tokens,
+        "fingerprint": lm.fingerprint,
+        "n_conversations": n_conversations,
+        "config": asdict(cfg),
+    }
+
+
+def save_checkpoint(folder: Path, step: int, peft_model, optimizer, identity: dict, losses: list[float]) -> None:
+    """Weights + Adam moments as safetensors, then a JSON that names them (written last, atomically)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    param = _trainable(peft_model)
+    state = optimizer.state.get(param, {})
+    tensors = {"weight": _encoder(peft_model).weight.detach().float().cpu().contiguous()}
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name in state:
+            tensors[f"adam.{name}"] = state[name].detach().cpu().contiguous()
+    name = f"ckpt-{step:07d}.safetensors"
+    save_file(tensors, str(folder / name))
+    meta = {**identity, "step": step, "adam_step": float(state["step"]) if "step" in state else 0.0,
+            "weights": name, "losses": losses}
+    tmp = folder / f".{CHECKPOINT_JSON}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, folder / CHECKPOINT_JSON)
+    for old in folder.glob("ckpt-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict) -> tuple[int, list[float]]:
+    """Restore weights and Adam state; returns (step, losses). No checkpoint: (0, [])."""
+    from safetensors.torch import load_file
+
+    path = folder / CHECKPOINT_JSON
+    if not path.is_file():
+        return 0, []
+    try:
+        meta = json.loads(path.read_text())
+        tensors = load_file(str(folder / meta["weights"]))
+    except Exception as exc:
+        raise UserError(f"cannot resume: unreadable checkpoint in {folder} ({type(exc).__name__})") from None
+    for key in ("p", "num_frozen_tokens", "fingerprint", "n_conversations"):
+        if meta.get(key) != identity[key]:
+            raise UserError(f"cannot resume: the checkpoint in {folder} has a different {key}; start a fresh run")
+    for key in ("batch_size", "lr", "seed", "loss_on", "max_tokens"):
+        if meta["config"].get(key) != identity["config"][key]:
+            raise UserError(f"cannot resume: the checkpoint in {folder} used a different {key}; start a fresh run")
+    param = _trainable(peft_model)
+    _encoder(peft_model).load_prompt_embeddings(tensors["weight"])
+    if "adam.exp_avg" in tensors:
+        optimizer.state[param] = {
+            "step": torch.tensor(meta["adam_step"], dtype=torch.float32),
+            "exp_avg": tensors["adam.exp_avg"].to(param.device),
+            "exp_avg_sq": tensors["adam.exp_avg_sq"].to(param.device),
+        }
+    return int(meta["step"]), list(meta.get("losses", []))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def distill(
+    peft_model,
+    lm: LoadedModel,
+    conversations: list[Conversation],
+    cfg: TrainConfig,
+    *,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train the cartridge of `peft_model` on self-study conversations; returns what was done.
+
+    `should_stop()` is checked before every step (and Ctrl-C is caught): the loop then saves a
+    checkpoint (if it has a folder) and returns with `stopped=True`.
+    """
+    if cfg.loss_on not in LOSS_ON:
+        raise UserError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
+    p = _encoder(peft_model).num_frozen_tokens + _encoder(peft_model).num_trainable_tokens
+    examples = [e for c in conversations if (e := _example(lm, c, cfg, p)) is not None]
+    if not examples:
+        raise UserError("no usable training conversations")
+    total = cfg.total_steps(len(examples))
+    param = _trainable(peft_model)
+    param.requires_grad_(True)
+    optimizer = torch.optim.Adam([param], lr=cfg.lr, weight_decay=0.0)
+    identity = _checkpoint_identity(cfg, peft_model, lm, len(examples))
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    start, losses = (0, [])
+    if resume and checkpoint_dir is not None:
+        start, losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, identity)
+
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    peft_model.eval()  # no dropout: the only thing that learns is the cartridge
+    began = time.perf_counter()
+    tokens_seen = 0
+    step = start
+    stopped = False
+    try:
+        while step < total:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch = _collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)],
+                             pad_id, lm.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = distill_loss(peft_model, batch, lm.autocast())
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            tokens_seen += batch["n_tokens"]
+            elapsed = time.perf_counter() - began
+            if on_step is not None:
+                done = step - start
+                on_step(StepMetrics(step=step, total_steps=total, loss=losses[-1], tokens_per_s=tokens_seen / elapsed,
+                                    lr=cfg.lr, elapsed_s=elapsed, eta_s=elapsed / done * (total - step)))
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses)
+    except KeyboardInterrupt:
+        stopped = True
+    if stopped and checkpoint_dir is not None and step > start:
+        save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses)
+    seconds = time.perf_counter() - began
+    head, tail = losses[:5], losses[-5:]
+    return TrainResult(
+        loss_first=float(np.mean(head)) if head else float("nan"),
+        loss_last=float(np.mean(tail)) if tail else float("nan"),
+        steps=step,
+        seconds=seconds,
+        tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
+        stopped=stopped,
+        losses=losses,
+    )

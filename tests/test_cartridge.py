@@ -1,0 +1,207 @@
+"""Cartridge initialisation, disk format, refusal of foreign folders, composition and generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.cartridge import (
+    ADAPTER_WEIGHTS,
+    METADATA,
+    Cartridge,
+    cartridge_embeddings,
+    compose,
+    create_cartridge_model,
+    generate,
+    init_ids,
+    kv_bytes,
+    kv_width,
+    load_cartridge,
+    peft_config_for,
+    save_cartridge,
+    to_cache,
+)
+from engine.errors import CartridgeMismatch
+from engine.models import chat_ids
+from tests.tiny_model import shared_tiny_lm, tiny_lm
+
+TEXT = (
+    "Tidewater Makerspace opens at 9:00 AM on Saturdays and closes at 6:00 PM. "
+    "The laser cutter needs a safety induction; the lathe is booked through the front desk. "
+)
+
+
+def _question(lm):
+    return chat_ids(lm.tokenizer, [{"role": "user", "content": "When does it open?"}], add_generation_prompt=True)
+
+
+def _logits_in_context(lm, prefix_ids, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=torch.tensor([prefix_ids + ids])).logits[0, len(prefix_ids):]
+
+
+def _logits_with_cache(lm, embeddings, ids):
+    p = embeddings.shape[0]
+    with torch.no_grad():
+        mask = torch.ones(1, p + len(ids), dtype=torch.long)
+        return lm.model(input_ids=torch.tensor([ids]), past_key_values=to_cache(embeddings, lm), attention_mask=mask).logits[0]
+
+
+def _meta(lm, **extra):
+    return {"base_model": lm.spec, "fingerprint": lm.fingerprint, "n_layers": lm.n_layers,
+            "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "corpus": "c", "version": 1, **extra}
+
+
+def test_init_matches_text_in_context():
+    lm = shared_tiny_lm()
+    p = 24
+    peft_model = create_cartridge_model(lm, p, TEXT * 3)
+    q = _question(lm)
+    ref = _logits_in_context(lm, init_ids(lm, p, TEXT * 3), q)
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long)).logits[0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # The cache path used for chat gives the same result as the PEFT forward used in training.
+    torch.testing.assert_close(_logits_with_cache(lm, cartridge_embeddings(peft_model), q), ref, atol=1e-4, rtol=1e-4)
+    # And a different context gives clearly different logits (the comparison is not vacuous).
+    other = _logits_in_context(lm, init_ids(lm, p, "Completely unrelated words about the weather. " * 5), q)
+    assert (other - ref).abs().max() > 1e-2
+
+
+def test_short_text_is_repeated_to_fill_p():
+    lm = shared_tiny_lm()
+    ids = init_ids(lm, 64, "tiny")
+    assert len(ids) == 64
+    assert ids.count(lm.tokenizer.bos_token_id) == 1  # one system message, no stray BOS
+
+
+def test_embeddings_include_frozen_sink_and_shape():
+    lm = shared_tiny_lm()
+    peft_model = create_cartridge_model(lm, 8, TEXT)
+    emb = cartridge_embeddings(peft_model)
+    assert emb.shape == (8, kv_width(lm)) == (8, lm.n_layers * 2 * lm.n_kv_heads * lm.head_dim)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].shape[0] == 7
+    assert kv_bytes(10, lm) == 10 * kv_width(lm) * 2
+
+
+def test_save_load_identical_logits_and_peft_loadable(tmp_path):
+    from peft import PeftModel
+
+    lm = shared_tiny_lm()
+    peft_model = create_cartridge_model(lm, 12, TEXT)
+    with torch.no_grad():  # move away from the init so the test sees trained-like values
+        peft_model.prompt_encoder.default.trainable_embedding.add_(0.1)
+    emb = cartridge_embeddings(peft_model)
+    folder = tmp_path / "cart"
+    save_cartridge(emb, peft_model.peft_config["default"], folder, _meta(lm))
+    cart = load_cartridge(folder, lm)
+    assert torch.equal(cart.embeddings, emb)
+    q = _question(lm)
+    torch.testing.assert_close(_logits_with_cache(lm, cart.embeddings, q), _logits_with_cache(lm, emb, q), atol=0, rtol=0)
+    meta = json.loads((folder / METADATA).read_text())
+    assert meta["format"] == "cartridge-desktop/1" and meta["p"] == 12 and meta["fingerprint"] == lm.fingerprint
+
+    reloaded = PeftModel.from_pretrained(lm.model, str(folder))
+    assert torch.equal(reloaded.prompt_encoder["default"].weight.detach(), emb)
+
+
+def test_save_replaces_existing_atomically(tmp_path):
+    lm = shared_tiny_lm()
+    folder = tmp_path / "cart"
+    cfg = peft_config_for(4)
+    save_cartridge(torch.zeros(4, kv_width(lm)), cfg, folder, _meta(lm))
+    save_cartridge(torch.ones(4, kv_width(lm)), cfg, folder, _meta(lm))
+    assert torch.equal(load_cartridge(folder, lm).embeddings, torch.ones(4, kv_width(lm)))
+    assert [p.name for p in tmp_path.iterdir()] == ["cart"]  # no temp or old folders left behind
+
+
+def test_refuses_other_model(tmp_path):
+    lm = shared_tiny_lm()
+    folder = tmp_path / "cart"
+    save_cartridge(torch.zeros(4, kv_width(lm)), peft_config_for(4), folder,
+                   _meta(lm, fingerprint="other-model.gguf@sha256:" + "f" * 64))
+    with pytest.raises(CartridgeMismatch, match="made for model other-model.gguf"):
+        load_cartridge(folder, lm)
+
+
+def test_refuses_wrong_shape(tmp_path):
+    lm = shared_tiny_lm()
+    folder = tmp_path / "cart"
+    save_cartridge(torch.zeros(4, kv_width(lm) // 2), peft_config_for(4), folder, _meta(lm))
+    with pytest.raises(CartridgeMismatch, match="shape"):
+        load_cartridge(folder, lm)
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "no_meta", "bad_json", "corrupt_weights", "foreign_json"])
+def test_refuses_corrupt_or_foreign_folder(tmp_path, damage):
+    lm = shared_tiny_lm()
+    folder = tmp_path / "cart"
+    if damage == "missing":
+        folder = tmp_path / "nothing-here"
+    elif damage == "empty":
+        folder.mkdir()
+    else:
+        save_cartridge(torch.zeros(4, kv_width(lm)), peft_config_for(4), folder, _meta(lm))
+        if damage == "no_meta":
+            (folder / METADATA).unlink()
+        elif damage == "bad_json":
+            (folder / METADATA).write_text("{not json")
+        elif damage == "corrupt_weights":
+            data = (folder / ADAPTER_WEIGHTS).read_bytes()
+            (folder / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+        elif damage == "foreign_json":
+            (folder / METADATA).write_text(json.dumps({"hello": "world"}))
+    with pytest.raises(CartridgeMismatch, match="not a cartridge") as info:
+        load_cartridge(folder, lm)
+    assert "\n" not in str(info.value)
+
+
+def test_compose_keeps_one_sink_and_generates():
+    lm = shared_tiny_lm()
+    a = Cartridge(cartridge_embeddings(create_cartridge_model(lm, 10, TEXT)), {}, None)
+    b = Cartridge(cartridge_embeddings(create_cartridge_model(lm, 7, "Another folder about boats. " * 4)), {}, None)
+    both = compose([a, b])
+    assert both.shape == (10 + 7 - 1, kv_width(lm))
+    assert torch.equal(both[:10], a.embeddings) and torch.equal(both[10:], b.embeddings[1:])
+    out = generate(lm, both, _question(lm), max_new_tokens=4, stop_ids=set())
+    assert len(out) == 4 and all(isinstance(t, int) for t in out)
+
+
+def test_generation_starts_at_position_p():
+    """Greedy decoding over the cartridge cache equals decoding with the init tokens in context."""
+    lm = shared_tiny_lm()
+    p = 16
+    emb = cartridge_embeddings(create_cartridge_model(lm, p, TEXT))
+    q = _question(lm)
+    with_cart = generate(lm, emb, q, max_new_tokens=6, stop_ids=set())
+    in_context = generate(lm, None, init_ids(lm, p, TEXT) + q, max_new_tokens=6, stop_ids=set())
+    assert with_cart == in_context
+
+
+def test_two_cartridge_models_share_a_base_without_interference():
+    lm = tiny_lm(seed=1)
+    q = _question(lm)
+    first = create_cartridge_model(lm, 8, TEXT)
+    with torch.no_grad():
+        before = first(input_ids=torch.tensor([q])).logits
+    create_cartridge_model(lm, 8, "Something else entirely. " * 5)
+    with torch.no_grad():
+        after = first(input_ids=torch.tensor([q])).logits
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+def test_default_model_init_matches_in_context():
+    """The real default model: a p=16 cartridge from a text equals those 16 tokens in context."""
+    from engine.models import load_model
+
+    lm = load_model(None, "cpu")
+    p = 16
+    emb = cartridge_embeddings(create_cartridge_model(lm, p, TEXT))
+    q = _question(lm)
+    ref = _logits_in_context(lm, init_ids(lm, p, TEXT), q)
+    got = _logits_with_cache(lm, emb, q)
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+    assert lm.fingerprint.startswith("SmolLM2-135M-Instruct.Q4_1.gguf@sha256:")
