@@ -91,6 +91,187 @@ def cmd_versions(args) -> None:
               f"{_when(v['created'])}")
 
 
+def _train_overrides(args) -> dict:
+    return {"p": args.tokens, "conversations": args.conversations, "steps": args.steps, "batch_size": args.batch_size,
+            "chunk_tokens": args.chunk_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed}
+
+
+class _Bars:
+    """tqdm bars for the phases of a training job (stderr; hidden with --json or off a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.phase = enabled, None, None
+
+    def __call__(self, progress) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if progress.phase != self.phase:
+            if self.bar is not None:
+                self.bar.close()
+            self.phase, self.bar = progress.phase, None
+            if progress.phase in ("synthesis", "training"):
+                unit = " conv" if progress.phase == "synthesis" else " step"
+                self.bar = tqdm(total=progress.total, desc=progress.phase, unit=unit, file=sys.stderr)
+            elif progress.message:
+                print(progress.message, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.n = progress.done
+            if progress.phase == "training":
+                self.bar.set_postfix(loss=f"{progress.loss:.4f}", tok_s=f"{progress.rate:.0f}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args) -> None:
+    from engine import pipeline, registry
+
+    db = registry.open_registry()
+    bars = _Bars(not args.json)
+    try:
+        outcome = pipeline.train(db, args.corpus, version=args.version, preset=args.preset, model=args.model,
+                                 device=args.device, resume=args.resume, on_progress=bars, **_train_overrides(args))
+    except KeyboardInterrupt:
+        bars.close()
+        raise UserError(f"training stopped; continue with `cartridge train {args.corpus} --resume`") from None
+    bars.close()
+    if args.json:
+        _print_json(outcome.to_json())
+    else:
+        print(f"{outcome.corpus} v{outcome.version}: cartridge of {outcome.tokens} tokens from {outcome.conversations} "
+              f"conversations, {outcome.steps} steps, loss {outcome.loss_first:.4f} -> {outcome.loss_last:.4f}, "
+              f"{outcome.seconds:.0f} s\n  {outcome.cartridge}")
+
+
+def cmd_chat(args) -> None:
+    from engine import inference, registry
+
+    db = registry.open_registry()
+    chat = inference.open_chat(db, args.corpus, version=args.version, mode=args.mode, model=args.model,
+                               device=args.device, engine=args.engine)
+    if args.prompt is not None:
+        stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+        reply = chat.reply([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_tokens,
+                           temperature=args.temperature, on_text=stream)
+        if args.json:
+            _print_json(reply.to_json())
+        else:
+            print(f"\n[{reply.mode}, first token {reply.ttft_s:.2f} s, {reply.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        return
+    names = ", ".join(args.corpus)
+    print(f"chatting with {names} ({args.mode}); an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        history.append({"role": "user", "content": question})
+        print("model> ", end="", flush=True)
+        reply = chat.reply(history, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                           on_text=lambda piece: print(piece, end="", flush=True))
+        print(f"\n[{reply.ttft_s:.2f} s to first token, {reply.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.answer})
+
+
+def cmd_eval(args) -> None:
+    from engine import evaluate, registry
+
+    db = registry.open_registry()
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    result = evaluate.evaluate(db, args.corpus, args.qa, modes=modes, version=args.version, model=args.model,
+                               device=args.device)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"{result['corpus']} v{result['version']}: {result['questions']} questions")
+    for mode, figures in result["modes"].items():
+        print(f"  {mode:<10} answer NLL {figures['nll']:.4f}   KV {figures['kv_bytes'] / 1e6:8.2f} MB   "
+              f"first token {figures['ttft_s']:.3f} s")
+    if result["recovered"] is not None:
+        print(f"  recovered {result['recovered']:.1%} of in-context learning's gain")
+
+
+def cmd_watch(args) -> None:
+    from engine import registry
+    from engine.watcher import set_watch
+
+    db = registry.open_registry()
+    for name in args.corpus:
+        registry.get_corpus(db, name)  # every name is checked before any switch changes
+    if args.off:
+        if not args.corpus:
+            raise UserError("name the corpora to stop watching: cartridge watch --off CORPUS")
+        corpora = [set_watch(db, name, False) for name in args.corpus]
+        if args.json:
+            _print_json({"corpora": [{"name": c["name"], "watch": c["watch"]} for c in corpora]})
+        else:
+            print(f"watch switched off for {', '.join(c['name'] for c in corpora)}")
+        return
+    if not args.corpus and not any(c["watch"] for c in registry.list_corpora(db)):
+        raise UserError("no corpus has watch switched on: run `cartridge watch CORPUS` to watch one")
+
+    from engine.jobs import TrainingQueue
+    from engine.pipeline import make_config
+    from engine.watcher import start_watchers
+
+    overrides = {"p": args.tokens, "conversations": args.conversations, "steps": args.steps,
+                 "batch_size": args.batch_size, "chunk_tokens": args.chunk_tokens}
+    make_config(args.preset, **overrides)  # bad settings fail here, not at the first retrain
+    for name in args.corpus:
+        set_watch(db, name, True)
+    watched = [c for c in registry.list_corpora(db) if c["watch"]]
+    first_event = max((e["id"] for e in registry.list_events(db, limit=1)), default=0)
+    queue = TrainingQueue()
+    service = start_watchers(queue, quiet_seconds=args.quiet_seconds, rescan_seconds=args.rescan_seconds,
+                             preset=args.preset, **overrides)
+    ids = {c["id"]: c["name"] for c in watched}
+    if not args.json:
+        for c in watched:
+            print(f"watching {c['name']} ({c['root']})", file=sys.stderr)
+        print(f"a change is acted on after {args.quiet_seconds:g} s of quiet; full rescan every "
+              f"{args.rescan_seconds:g} s; Ctrl-C stops", file=sys.stderr)
+    seen, events = first_event, []
+    try:
+        while True:
+            time.sleep(1.0)
+            new = [e for e in reversed(registry.list_events(db, limit=200)) if e["id"] > seen]
+            for event in new:
+                seen = event["id"]
+                if event["corpus_id"] not in ids:
+                    continue
+                events.append({**event, "corpus": ids[event["corpus_id"]],
+                               "data": json.loads(event["data"]) if event["data"] else None})
+                if not args.json:
+                    print(f"{time.strftime('%H:%M:%S', time.localtime(event['created']))} "
+                          f"{ids[event['corpus_id']]}: {event['message']}", flush=True)
+    except KeyboardInterrupt:
+        running = queue.current
+        if running is not None and running.source == "watch":
+            if not args.json:
+                print(f"stopping the retrain of {running.corpus}; the next `cartridge watch` continues it",
+                      file=sys.stderr)
+            queue.cancel(running.id)
+            queue.wait(running.id, timeout=60)
+    finally:
+        status = service.status()
+        service.stop()
+    if args.json:
+        _print_json({"watched": [c["name"] for c in watched], "status": status, "events": events})
+
+
+def cmd_ui(args) -> None:
+    from app.ui import launch
+
+    launch(port=args.port, open_browser=not args.no_browser, share=args.share)
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +297,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("train", help="train a cartridge for a corpus (self-study + distillation)")
+    p.add_argument("corpus")
+    p.add_argument("--version", type=int, help="version to train (default: the latest)")
+    p.add_argument("--preset", default="quick", help="quick (CPU, minutes), standard or thorough (GPU)")
+    p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
+    p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations to synthesize")
+    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
+    p.add_argument("--batch-size", type=int, help="conversations per step")
+    p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-2)")
+    p.add_argument("--loss-on", choices=["assistant", "all"], help="supervise assistant tokens (default) or all")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", help="Hugging Face id or local folder (default: the bundled SmolLM2 GGUF)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of this version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("chat", help="chat with one or more corpora (cartridges composed)")
+    p.add_argument("corpus", nargs="+")
+    p.add_argument("--version", type=int, help="version to use (one corpus only; default: current)")
+    p.add_argument("--mode", default="cartridge", choices=["cartridge", "icl", "none"])
+    p.add_argument("--prompt", help="ask one question and exit (default: interactive)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--model", help="override the model (default: the one the cartridge was trained on)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--engine", choices=["llama.cpp", "torch"], help="inference engine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="score gold answers with none / icl / cartridge")
+    p.add_argument("corpus")
+    p.add_argument("--qa", required=True, help="JSON Lines of {\"question\", \"answer\"}")
+    p.add_argument("--modes", default="none,icl,cartridge")
+    p.add_argument("--version", type=int)
+    p.add_argument("--model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--engine", choices=["llama.cpp", "torch"], help="inference engine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("watch", help="retrain cartridges when their folders change (runs until Ctrl-C)")
+    p.add_argument("corpus", nargs="*",
+                   help="corpora to watch; their watch switch stays on (default: every corpus switched on)")
+    p.add_argument("--off", action="store_true", help="switch watch off for the named corpora and exit")
+    p.add_argument("--quiet-seconds", type=float, default=60.0, metavar="S",
+                   help="act on changes once the folder has been quiet this long (default 60)")
+    p.add_argument("--rescan-seconds", type=float, default=600.0, metavar="S",
+                   help="also rescan every folder this often, for changes the watcher missed (default 600)")
+    p.add_argument("--preset", default="quick", help="training preset for the retrains (default quick)")
+    p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
+    p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations for a full train")
+    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
+    p.add_argument("--batch-size", type=int, help="conversations per step")
+    p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+    p.add_argument("--json", action="store_true", help="on exit, print the events and status as one JSON document")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("ui", help="start the desktop app in your browser (the default with no command)")
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 7860 or the next free one)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
@@ -123,9 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 0
+        if not getattr(args, "func", None):  # no command: start the app
+            args = parser.parse_args(["ui"])
         args.func(args)
         return 0
     except UserError as exc:

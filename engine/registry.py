@@ -296,6 +296,10 @@ def finish_run(db, run_id: int, status: str, *, error: str | None = None, cartri
                                "summary": json.dumps(summary) if summary is not None else None})
 
 
+def update_run_config(db, run_id: int, config: dict) -> None:
+    db["runs"].update(run_id, {"config": json.dumps(config)})
+
+
 def get_run(db, run_id: int) -> dict:
     return db["runs"].get(run_id)
 

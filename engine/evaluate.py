@@ -1,0 +1,163 @@
+"""Evaluation: how likely the model finds gold answers with no context, the corpus in context, or a cartridge.
+
+Per mode, the mean per-token negative log-likelihood of each gold answer scored as the assistant turn
+after its question in the chat template. `recovered = (none - cartridge) / (none - icl)` is the share
+of in-context learning's gain that the cartridge recovers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine import registry
+from engine.cartridge import compose, kv_bytes, load_cartridge, to_cache
+from engine.corpus import assemble, version_documents
+from engine.errors import UserError
+from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
+
+EVAL_MODES = ("none", "icl", "cartridge")
+
+
+def read_qa(path: str | Path) -> list[dict]:
+    """JSON Lines of {"question", "answer"}; any bad line is a UserError naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read QA file {path}: {exc.strerror or exc}") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise UserError(f"{path}:{number}: expected {{\"question\": ..., \"answer\": ...}}") from None
+        items.append(item)
+    if not items:
+        raise UserError(f"QA file {path} holds no questions")
+    return items
+
+
+@torch.no_grad()
+def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """The KV of `ids` packed like a cartridge ([n, layers*2*heads*head_dim]), to reuse one prefill many times."""
+    with lm.autocast():
+        out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
+    cache = out.past_key_values
+    layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(lm.n_layers)]
+    packed = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
+    return packed.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float().cpu()
+
+
+class Scorer:
+    """Scores answers after a fixed prefix: a cartridge, the corpus as system prompt (prefilled once), or none."""
+
+    def __init__(self, lm: LoadedModel, *, embeddings: torch.Tensor | None = None, system: str | None = None):
+        self.lm, self.system = lm, system
+        self.skip = 0  # leading prompt tokens already held by the prefix
+        self.prefix = embeddings
+        if system is not None:
+            system_ids = chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False)
+            self.prefix, self.skip = prefix_embeddings(lm, system_ids), len(system_ids)
+            self.system_ids = system_ids
+
+    @torch.no_grad()
+    def nll(self, question: str, answer: str) -> float:
+        lm = self.lm
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": question}]
+        prompt = chat_ids(lm.tokenizer, messages, add_generation_prompt=True)
+        full = chat_ids(lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        if full[:len(prompt)] != prompt or (self.skip and full[:self.skip] != self.system_ids):
+            raise UserError("this model's chat template does not extend the prompt with the answer; cannot score")
+        rest = full[self.skip:]
+        n_prefix = 0 if self.prefix is None else self.prefix.shape[0]
+        cache = to_cache(self.prefix, lm) if self.prefix is not None else None
+        ids = torch.tensor([rest], device=lm.device)
+        mask = torch.ones(1, n_prefix + len(rest), dtype=torch.long, device=lm.device)
+        with lm.autocast():
+            logits = lm.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                              use_cache=cache is not None).logits[0].float()
+        first = len(prompt) - self.skip  # index in `rest` of the first answer token
+        logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
+        return float(-logprobs.gather(1, ids[0, first:, None]).mean())
+
+
+@torch.no_grad()
+def time_to_first_token(lm: LoadedModel, embeddings: torch.Tensor | None, prompt_ids: list[int]) -> float:
+    """Seconds from nothing cached (beyond the cartridge) to the first generated token."""
+    start = time.perf_counter()
+    cache = to_cache(embeddings, lm) if embeddings is not None else None
+    n_prefix = 0 if embeddings is None else embeddings.shape[0]
+    mask = torch.ones(1, n_prefix + len(prompt_ids), dtype=torch.long, device=lm.device)
+    with lm.autocast():
+        logits = lm.model(input_ids=torch.tensor([prompt_ids], device=lm.device), attention_mask=mask,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    int(logits[0, -1].argmax())
+    return time.perf_counter() - start
+
+
+def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
+             version: int | None = None, model: str | None = None, device: str | None = None,
+             cartridge_folder: Path | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run the QA file through each mode; returns {"modes": {mode: {nll, kv_bytes, ttft_s}}, "recovered", ...}."""
+    for mode in modes:
+        if mode not in EVAL_MODES:
+            raise UserError(f"unknown eval mode {mode!r} (choose from {', '.join(EVAL_MODES)})")
+    qa = read_qa(qa_path)
+    corpus = registry.get_corpus(db, corpus_name)
+    row = registry.get_version(db, corpus, version)
+    cartridge = None
+    if "cartridge" in modes:
+        if cartridge_folder is None:
+            if row["status"] != "ready" or not row["cartridge"]:
+                raise UserError(f"{corpus_name!r} v{row['number']} has no trained cartridge yet: run `cartridge train`")
+            cartridge_folder = Path(row["cartridge"])
+        if model is None:
+            try:
+                model = json.loads((Path(cartridge_folder) / "cartridge.json").read_text()).get("base_model")
+            except (OSError, ValueError):
+                pass
+    lm = load_model(model, device)
+    if "cartridge" in modes:
+        cartridge = load_cartridge(Path(cartridge_folder), lm)
+    corpus_text = assemble(version_documents(db, row))
+    results: dict[str, dict] = {}
+    for mode in modes:
+        system = context_system_prompt(corpus_text) if mode == "icl" else None
+        embeddings = compose([cartridge]) if mode == "cartridge" else None
+        if system is not None:
+            n_system = len(chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False))
+            if n_system + 512 > lm.max_positions:
+                raise UserError(f"the corpus ({n_system:,} tokens) does not fit the model's context "
+                                f"({lm.max_positions:,}); evaluate without icl")
+        scorer = Scorer(lm, embeddings=embeddings, system=system)
+        scores = []
+        for i, item in enumerate(qa):
+            scores.append(scorer.nll(item["question"], item["answer"]))
+            if on_progress:
+                on_progress(mode, i + 1, len(qa))
+        first_prompt = chat_ids(lm.tokenizer, ([{"role": "system", "content": system}] if system else [])
+                                + [{"role": "user", "content": qa[0]["question"]}], add_generation_prompt=True)
+        prefix_len = embeddings.shape[0] if embeddings is not None else 0
+        results[mode] = {
+            "nll": round(sum(scores) / len(scores), 4),
+            "kv_bytes": kv_bytes(prefix_len + len(first_prompt), lm),
+            "ttft_s": round(time_to_first_token(lm, embeddings, first_prompt), 4),
+            "per_question": [round(s, 4) for s in scores],
+        }
+    recovered = None
+    if {"none", "icl", "cartridge"} <= set(results):
+        gain = results["none"]["nll"] - results["icl"]["nll"]
+        if gain > 0:
+            recovered = round((results["none"]["nll"] - results["cartridge"]["nll"]) / gain, 4)
+    return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "model": lm.spec,
+            "modes": results, "recovered": recovered}

@@ -1,0 +1,167 @@
+"""Chat with a model plus cartridges (composed when several), the corpus in context (icl), or nothing.
+
+The prompt is always built by `chat_ids`, the format the cartridge was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import registry
+from engine.cartridge import Cartridge, compose, generate, kv_bytes, load_cartridge
+from engine.corpus import assemble, version_documents
+from engine.errors import UserError
+from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
+
+MODES = ("cartridge", "icl", "none")
+
+
+@dataclass
+class Reply:
+    answer: str
+    mode: str
+    cartridges: list[str]
+    ttft_s: float
+    tokens_per_s: float
+    kv_bytes: int
+    n_tokens: int
+    versions: list[dict] = field(default_factory=list)  # [{"corpus", "version"}] that answered
+
+    def to_json(self) -> dict:
+        return {"answer": self.answer, "mode": self.mode, "cartridges": self.cartridges, "ttft_s": self.ttft_s,
+                "tokens_per_s": self.tokens_per_s, "kv_bytes": self.kv_bytes, "versions": self.versions}
+
+
+@dataclass
+class Target:
+    """What one chat talks to: the resolved corpora versions and, in cartridge mode, their cartridges."""
+
+    corpora: list[dict]
+    versions: list[dict]
+    mode: str
+    cartridge_folders: list[Path]
+    model_spec: str | None
+
+
+def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: str = "cartridge",
+            model: str | None = None) -> Target:
+    """Look up each corpus's version (its current one, or `version`) and, for cartridge mode, its cartridge."""
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if version is not None and len(corpus_names) > 1:
+        raise UserError("--version applies to one corpus; give one corpus or leave --version out")
+    corpora, versions, folders = [], [], []
+    for name in corpus_names:
+        corpus = registry.get_corpus(db, name)
+        row = registry.get_version(db, corpus, version)
+        if mode == "cartridge":
+            if row["status"] != "ready" or not row["cartridge"]:
+                ready = [v for v in registry.list_versions(db, corpus["id"]) if v["status"] == "ready"]
+                if version is None and ready:
+                    row = ready[-1]
+                else:
+                    raise UserError(f"{name!r} v{row['number']} has no trained cartridge yet: run `cartridge train {name}`")
+            folders.append(Path(row["cartridge"]))
+        corpora.append(corpus)
+        versions.append(row)
+    if mode == "cartridge" and model is None:
+        specs = set()
+        for folder in folders:
+            try:
+                import json
+
+                specs.add(json.loads((folder / "cartridge.json").read_text()).get("base_model"))
+            except (OSError, ValueError):
+                pass  # load_cartridge reports the folder clearly
+        if len(specs) > 1:
+            raise UserError(f"these cartridges were trained on different models ({', '.join(map(str, specs))})")
+        model = specs.pop() if specs else None
+    return Target(corpora, versions, mode, folders, model)
+
+
+class TorchChat:
+    """Generation with transformers; the cartridge (or composed cartridges) is a fresh prefix cache per turn."""
+
+    def __init__(self, db, target: Target, *, device: str | None = None, lm: LoadedModel | None = None):
+        self.target = target
+        self.lm = lm or load_model(target.model_spec, device)
+        self.embeddings = None
+        self.system: str | None = None
+        if target.mode == "cartridge":
+            cartridges: list[Cartridge] = [load_cartridge(f, self.lm) for f in target.cartridge_folders]
+            self.embeddings = compose(cartridges)
+        elif target.mode == "icl":
+            text = "".join(assemble(version_documents(db, v)) for v in target.versions)
+            self.system = context_system_prompt(text)
+
+    @property
+    def prefix_tokens(self) -> int:
+        return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        if self.system is not None:
+            messages = [{"role": "system", "content": self.system}] + [m for m in messages if m["role"] != "system"]
+        return chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = self.lm.max_positions
+        if self.prefix_tokens + n_prompt + max_new_tokens > limit:
+            what = "the corpus in context" if self.system is not None else "the conversation"
+            raise UserError(f"{what} needs {self.prefix_tokens + n_prompt + max_new_tokens:,} positions but the model "
+                            f"has {limit:,}: use a cartridge, or start a new chat")
+
+    def reply(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+              on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Reply:
+        """Answer the last user message of `messages`, streaming text pieces to `on_text`."""
+        ids = self.prompt_ids(messages)
+        self.check_fits(len(ids), max_new_tokens)
+        tokenizer = self.lm.tokenizer
+        stop_ids = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
+                                              if t in tokenizer.get_vocab())}
+        out: list[int] = []
+        shown = ""
+        first: list[float] = []
+        start = time.perf_counter()
+
+        class _Stop(Exception):
+            pass
+
+        def on_token(token: int) -> None:
+            nonlocal shown
+            if not first:
+                first.append(time.perf_counter())
+            out.append(token)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            if on_text and not text.endswith("\ufffd"):
+                on_text(text[len(shown):])
+                shown = text
+            if should_stop and should_stop():
+                raise _Stop
+
+        try:
+            generate(self.lm, self.embeddings, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                     stop_ids=stop_ids, on_token=on_token)
+        except _Stop:
+            pass
+        end = time.perf_counter()
+        answer = tokenizer.decode(out, skip_special_tokens=True)
+        if on_text and answer != shown:
+            on_text(answer[len(shown):])
+        ttft = (first[0] - start) if first else end - start
+        decode_s = end - first[0] if first else 0.0
+        return Reply(
+            answer=answer.strip(), mode=self.target.mode, cartridges=[str(f) for f in self.target.cartridge_folders],
+            ttft_s=round(ttft, 4), tokens_per_s=round((len(out) - 1) / decode_s, 2) if len(out) > 1 and decode_s else 0.0,
+            kv_bytes=kv_bytes(self.prefix_tokens + len(ids), self.lm), n_tokens=len(out),
+            versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
+        )
+
+
+def open_chat(db, corpus_names: list[str], *, version: int | None = None, mode: str = "cartridge",
+              model: str | None = None, device: str | None = None, engine: str | None = None):
+    """A chat backend for the given corpora and mode."""
+    target = resolve(db, corpus_names, version=version, mode=mode, model=model)
+    return TorchChat(db, target, device=device)
