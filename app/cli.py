@@ -186,7 +186,7 @@ def cmd_eval(args) -> None:
     db = registry.open_registry()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = evaluate.evaluate(db, args.corpus, args.qa, modes=modes, version=args.version, model=args.model,
-                               device=args.device)
+                               device=args.device, engine=args.engine)
     if args.json:
         _print_json(result)
         return

@@ -91,6 +91,32 @@ class Scorer:
         return float(-logprobs.gather(1, ids[0, first:, None]).mean())
 
 
+class LlamaCppScorer(Scorer):
+    """The same scores on llama.cpp (the GGUF as quantised): the prefix is written or evaluated once and
+    each question is evaluated after it with every position's logits."""
+
+    def __init__(self, lm: LoadedModel, llama, *, embeddings: torch.Tensor | None = None, system: str | None = None):
+        self.lm, self.llama, self.system, self.skip = lm, llama, system, 0
+        llama.clear()
+        if embeddings is not None:
+            llama.inject(embeddings)
+        elif system is not None:
+            self.system_ids = chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False)
+            self.skip = llama.prefix_from_tokens(self.system_ids)
+
+    def nll(self, question: str, answer: str) -> float:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": question}]
+        prompt = chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)
+        full = chat_ids(self.lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        rest = full[self.skip:]
+        self.llama.truncate(0)
+        logits = torch.from_numpy(self.llama.eval(rest, all_logits=True)).float()
+        first = len(prompt) - self.skip
+        logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
+        return float(-logprobs.gather(1, torch.tensor(rest[first:])[:, None]).mean())
+
+
 @torch.no_grad()
 def time_to_first_token(lm: LoadedModel, embeddings: torch.Tensor | None, prompt_ids: list[int]) -> float:
     """Seconds from nothing cached (beyond the cartridge) to the first generated token."""
@@ -105,9 +131,18 @@ def time_to_first_token(lm: LoadedModel, embeddings: torch.Tensor | None, prompt
     return time.perf_counter() - start
 
 
+def llama_time_to_first_token(llama, embeddings: torch.Tensor | None, prompt_ids: list[int]) -> float:
+    start = time.perf_counter()
+    llama.clear()
+    if embeddings is not None:
+        llama.inject(embeddings)
+    int(llama.eval(prompt_ids).argmax())
+    return time.perf_counter() - start
+
+
 def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
              version: int | None = None, model: str | None = None, device: str | None = None,
-             cartridge_folder: Path | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+             cartridge_folder: Path | None = None, engine: str | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the QA file through each mode; returns {"modes": {mode: {nll, kv_bytes, ttft_s}}, "recovered", ...}."""
     for mode in modes:
         if mode not in EVAL_MODES:
@@ -127,6 +162,13 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             except (OSError, ValueError):
                 pass
     lm = load_model(model, device)
+    llama = None
+    if engine == "llama.cpp":
+        from engine.inference import choose_engine
+        from engine.llamacpp import LlamaCppEngine
+
+        choose_engine(engine, model)  # refuses models other than the bundled GGUF
+        llama = LlamaCppEngine(n_ctx=lm.max_positions)
     if "cartridge" in modes:
         cartridge = load_cartridge(Path(cartridge_folder), lm)
     corpus_text = assemble(version_documents(db, row))
@@ -139,7 +181,10 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             if n_system + 512 > lm.max_positions:
                 raise UserError(f"the corpus ({n_system:,} tokens) does not fit the model's context "
                                 f"({lm.max_positions:,}); evaluate without icl")
-        scorer = Scorer(lm, embeddings=embeddings, system=system)
+        if llama is not None:
+            scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system)
+        else:
+            scorer = Scorer(lm, embeddings=embeddings, system=system)
         scores = []
         for i, item in enumerate(qa):
             scores.append(scorer.nll(item["question"], item["answer"]))
@@ -151,7 +196,8 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
         results[mode] = {
             "nll": round(sum(scores) / len(scores), 4),
             "kv_bytes": kv_bytes(prefix_len + len(first_prompt), lm),
-            "ttft_s": round(time_to_first_token(lm, embeddings, first_prompt), 4),
+            "ttft_s": round(time_to_first_token(lm, embeddings, first_prompt) if llama is None
+                            else llama_time_to_first_token(llama, embeddings, first_prompt), 4),
             "per_question": [round(s, 4) for s in scores],
         }
     recovered = None
@@ -160,4 +206,5 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
         if gain > 0:
             recovered = round((results["none"]["nll"] - results["cartridge"]["nll"]) / gain, 4)
     return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "model": lm.spec,
+            "engine": "llama.cpp" if llama is not None else "torch",
             "modes": results, "recovered": recovered}

@@ -5,6 +5,7 @@ The prompt is always built by `chat_ids`, the format the cartridge was trained o
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ class Reply:
     kv_bytes: int
     n_tokens: int
     versions: list[dict] = field(default_factory=list)  # [{"corpus", "version"}] that answered
+    engine: str = "torch"
 
     def to_json(self) -> dict:
         return {"answer": self.answer, "mode": self.mode, "cartridges": self.cartridges, "ttft_s": self.ttft_s,
-                "tokens_per_s": self.tokens_per_s, "kv_bytes": self.kv_bytes, "versions": self.versions}
+                "tokens_per_s": self.tokens_per_s, "kv_bytes": self.kv_bytes, "versions": self.versions,
+                "engine": self.engine}
 
 
 @dataclass
@@ -82,45 +85,46 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
     return Target(corpora, versions, mode, folders, model)
 
 
-class TorchChat:
-    """Generation with transformers; the cartridge (or composed cartridges) is a fresh prefix cache per turn."""
+class _Chat:
+    """What both engines share: the prompt (system prompt for icl), fit checks, streaming and timing."""
 
-    def __init__(self, db, target: Target, *, device: str | None = None, lm: LoadedModel | None = None):
-        self.target = target
-        self.lm = lm or load_model(target.model_spec, device)
-        self.embeddings = None
+    engine = "?"
+
+    def __init__(self, db, target: Target, tokenizer, max_positions: int):
+        self.target, self.tokenizer, self.max_positions = target, tokenizer, max_positions
         self.system: str | None = None
-        if target.mode == "cartridge":
-            cartridges: list[Cartridge] = [load_cartridge(f, self.lm) for f in target.cartridge_folders]
-            self.embeddings = compose(cartridges)
-        elif target.mode == "icl":
+        if target.mode == "icl":
             text = "".join(assemble(version_documents(db, v)) for v in target.versions)
             self.system = context_system_prompt(text)
+        vocab = tokenizer.get_vocab()
+        self.stop_ids = {tokenizer.eos_token_id, *(vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab)}
 
-    @property
-    def prefix_tokens(self) -> int:
-        return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+    prefix_tokens = 0
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.system is not None:
             messages = [{"role": "system", "content": self.system}] + [m for m in messages if m["role"] != "system"]
-        return chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)
+        return chat_ids(self.tokenizer, messages, add_generation_prompt=True)
 
     def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
-        limit = self.lm.max_positions
-        if self.prefix_tokens + n_prompt + max_new_tokens > limit:
+        needed = self.prefix_tokens + n_prompt + max_new_tokens
+        if needed > self.max_positions:
             what = "the corpus in context" if self.system is not None else "the conversation"
-            raise UserError(f"{what} needs {self.prefix_tokens + n_prompt + max_new_tokens:,} positions but the model "
-                            f"has {limit:,}: use a cartridge, or start a new chat")
+            raise UserError(f"{what} needs {needed:,} positions but the model has {self.max_positions:,}: "
+                            "use a cartridge, or start a new chat")
+
+    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float, on_token) -> None:
+        raise NotImplementedError
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        raise NotImplementedError
 
     def reply(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
               on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Reply:
         """Answer the last user message of `messages`, streaming text pieces to `on_text`."""
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), max_new_tokens)
-        tokenizer = self.lm.tokenizer
-        stop_ids = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
-                                              if t in tokenizer.get_vocab())}
+        tokenizer = self.tokenizer
         out: list[int] = []
         shown = ""
         first: list[float] = []
@@ -142,26 +146,99 @@ class TorchChat:
                 raise _Stop
 
         try:
-            generate(self.lm, self.embeddings, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                     stop_ids=stop_ids, on_token=on_token)
+            self._generate(ids, max_new_tokens, temperature, on_token)
         except _Stop:
             pass
         end = time.perf_counter()
         answer = tokenizer.decode(out, skip_special_tokens=True)
-        if on_text and answer != shown:
+        if on_text and answer != shown and answer.startswith(shown):
             on_text(answer[len(shown):])
         ttft = (first[0] - start) if first else end - start
         decode_s = end - first[0] if first else 0.0
         return Reply(
             answer=answer.strip(), mode=self.target.mode, cartridges=[str(f) for f in self.target.cartridge_folders],
             ttft_s=round(ttft, 4), tokens_per_s=round((len(out) - 1) / decode_s, 2) if len(out) > 1 and decode_s else 0.0,
-            kv_bytes=kv_bytes(self.prefix_tokens + len(ids), self.lm), n_tokens=len(out),
+            kv_bytes=self.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
             versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
+            engine=self.engine,
         )
+
+
+class TorchChat(_Chat):
+    """Generation with transformers; the cartridge (or composed cartridges) is a fresh prefix cache per turn."""
+
+    engine = "torch"
+
+    def __init__(self, db, target: Target, *, device: str | None = None, lm: LoadedModel | None = None):
+        self.lm = lm or load_model(target.model_spec, device)
+        super().__init__(db, target, self.lm.tokenizer, self.lm.max_positions)
+        self.embeddings = None
+        if target.mode == "cartridge":
+            self.embeddings = compose([load_cartridge(f, self.lm) for f in target.cartridge_folders])
+            self.prefix_tokens = int(self.embeddings.shape[0])
+
+    def _generate(self, ids, max_new_tokens, temperature, on_token) -> None:
+        generate(self.lm, self.embeddings, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                 stop_ids=self.stop_ids, on_token=on_token)
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        return kv_bytes(n_tokens, self.lm)
+
+
+class LlamaCppChat(_Chat):
+    """Generation with llama.cpp on the GGUF: the cartridge is written into the context once, as the state
+    of the sequence; each turn reuses whatever prompt prefix is already evaluated."""
+
+    engine = "llama.cpp"
+
+    def __init__(self, db, target: Target):
+        from engine.llamacpp import LlamaCppEngine, template_prefix_ids
+        from engine.paths import default_model_path
+        from engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(None)
+        n_ctx = 8192 if target.mode == "icl" else 4096
+        self.llama = LlamaCppEngine(default_model_path(), n_ctx=n_ctx)
+        super().__init__(db, target, tokenizer, self.llama.n_ctx)
+        if target.mode == "cartridge":
+            embeddings = compose([load_cartridge(f, self.llama) for f in target.cartridge_folders])
+            self.prefix_tokens = self.llama.inject(embeddings, warm_ids=template_prefix_ids(tokenizer))
+
+    def _generate(self, ids, max_new_tokens, temperature, on_token) -> None:
+        self.llama.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=self.stop_ids,
+                            on_token=on_token)
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        return n_tokens * self.llama.n_layers * 2 * self.llama.n_kv_heads * self.llama.head_dim * 2  # f16 cache
+
+
+ENGINES = ("llama.cpp", "torch")
+
+
+def choose_engine(requested: str | None, model_spec: str | None) -> str:
+    """llama.cpp for the bundled GGUF model, torch for any other model; `requested` overrides."""
+    from engine.tokenizer import is_default
+
+    if requested not in (None, "auto", *ENGINES):
+        raise UserError(f"unknown engine {requested!r} (choose from {', '.join(ENGINES)})")
+    if requested in ENGINES:
+        if requested == "llama.cpp" and not is_default(model_spec):
+            raise UserError("the llama.cpp engine serves the bundled GGUF model; use --engine torch for other models")
+        return requested
+    return "llama.cpp" if is_default(model_spec) else "torch"
 
 
 def open_chat(db, corpus_names: list[str], *, version: int | None = None, mode: str = "cartridge",
               model: str | None = None, device: str | None = None, engine: str | None = None):
     """A chat backend for the given corpora and mode."""
+    from engine.llamacpp import LayoutUnsupported
+
     target = resolve(db, corpus_names, version=version, mode=mode, model=model)
+    if choose_engine(engine, target.model_spec) == "llama.cpp" and device in (None, "auto", "cpu"):
+        try:
+            return LlamaCppChat(db, target)
+        except LayoutUnsupported as exc:
+            if engine == "llama.cpp":
+                raise
+            print(f"note: {exc}; using the torch engine", file=sys.stderr)
     return TorchChat(db, target, device=device)

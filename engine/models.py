@@ -177,6 +177,10 @@ def _load_model_cached(spec: str, device: str) -> LoadedModel:
             raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"model {spec!r} has no chat template: use an instruct/chat model")
+        try:  # the corpus goes into a system message (initialisation, self-study, ICL)
+            chat_ids(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True)
+        except Exception as exc:
+            raise UserError(f"model {spec!r}: its chat template does not accept a system message ({exc})") from None
         fingerprint = hf_fingerprint(spec)
     model = model.to(device=dev, dtype=weight_dtype)
     if tokenizer.pad_token_id is None:
@@ -295,4 +299,6 @@ def hf_fingerprint(spec: str) -> str:
         if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
     )
     digest.update(json.dumps(weights).encode())
-    return f"{spec}@sha256:{digest.hexdigest()}"
+    # A local folder is named by its base name, so moving the folder keeps its cartridges usable.
+    name = Path(spec).name if Path(spec).is_dir() else spec
+    return f"{name}@sha256:{digest.hexdigest()}"

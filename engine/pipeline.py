@@ -26,6 +26,7 @@ from engine.paths import cartridges_dir, data_home
 from engine.training import PRESETS, StepMetrics, TrainConfig
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
+MAX_SYNTHESIS_ROUNDS = 3
 
 
 @dataclass
@@ -132,26 +133,35 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
     from engine.synthesis import load_seed_prompts, synthesize
 
     target = cfg.conversations if target is None else target
-    have = count_conversations(folder)
-    if have >= target:
-        return have
     seeds = load_seed_prompts(Path(__file__).resolve().parent.parent / "assets" / "seeds")
-    chunks = sampler.sample_many(target, cfg.chunk_tokens, seed=cfg.seed + have, only_files=only_files)[have:]
-    pending, began, made = [], time.perf_counter(), 0
-    for conversation in synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
-                                   max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed + have, backend=backend):
-        pending.append(conversation)
-        made += 1
-        if len(pending) >= SHARD_SIZE:
-            write_shard(folder, pending)
-            pending = []
-        if on_progress:
-            rate = made / (time.perf_counter() - began)
-            on_progress(Progress("synthesis", have + made, target, (target - have - made) / rate if rate else None, rate))
-        if should_stop and should_stop():
+    began, made = time.perf_counter(), 0
+    # Self-study drops user turns that fail its filters, so a round can come back short: draw fresh
+    # chunks for what is missing, a few rounds at most.
+    for attempt in range(MAX_SYNTHESIS_ROUNDS):
+        have = count_conversations(folder)
+        if have >= target or (should_stop and should_stop()):
             break
-    if pending:
-        write_shard(folder, pending)
+        chunks = sampler.sample_many(target - have, cfg.chunk_tokens, seed=cfg.seed + have + 7919 * attempt,
+                                     only_files=only_files)
+        pending = []
+        for conversation in synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
+                                       max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed + have + attempt,
+                                       backend=backend):
+            pending.append(conversation)
+            made += 1
+            if len(pending) >= SHARD_SIZE:
+                write_shard(folder, pending)
+                pending = []
+            if on_progress:
+                rate = made / (time.perf_counter() - began)
+                done = have + made
+                on_progress(Progress("synthesis", min(done, target), target, max(0, target - done) / rate if rate else None, rate))
+            if should_stop and should_stop():
+                break
+        if pending:
+            write_shard(folder, pending)
+        made = 0
+        began = time.perf_counter()
     return count_conversations(folder)
 
 

@@ -31,7 +31,8 @@ LOSS_ON = ("assistant", "all")
 class TrainConfig:
     p: int = 128  # virtual tokens in the cartridge
     conversations: int = 120  # self-study conversations to synthesize
-    steps: int | None = None  # None: one pass over the conversations
+    steps: int | None = None  # None: `epochs` passes over the conversations
+    epochs: float = 1.0
     batch_size: int = 4
     lr: float = 2e-2
     chunk_tokens: int = 512  # corpus chunk size shown to the teacher during synthesis
@@ -45,9 +46,10 @@ class TrainConfig:
     def total_steps(self, n_conversations: int) -> int:
         if self.steps is not None:
             return int(self.steps)
-        return max(1, math.ceil(n_conversations / self.batch_size))
+        return max(1, math.ceil(n_conversations * self.epochs / self.batch_size))
 
     def replace(self, **overrides) -> "TrainConfig":
+        """A copy with `overrides` applied; None means "not given" (keeps the current value)."""
         known = {f.name for f in fields(self)}
         unknown = set(overrides) - known
         if unknown:
@@ -57,10 +59,12 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
-# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15 minutes.
+# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15 minutes
+# (llama.cpp synthesis ~6 min for 96 conversations; 48 steps of ~3 s; the torch synthesis backend is
+# ~3-5 conversations/min there, so it needs fewer conversations to stay in budget).
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 PRESETS: dict[str, TrainConfig] = {
-    "quick": TrainConfig(p=128, conversations=96, steps=None, batch_size=4, chunk_tokens=512,
+    "quick": TrainConfig(p=128, conversations=96, steps=None, epochs=2.0, batch_size=4, chunk_tokens=512,
                          checkpoint_every=10, max_answer_tokens=128, max_user_tokens=64),
     "standard": TrainConfig(p=512, conversations=4096, steps=None, batch_size=16, chunk_tokens=1024,
                             checkpoint_every=50, max_answer_tokens=256, max_user_tokens=96),
@@ -183,6 +187,36 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 # ----------------------------------------------------------------------------- loss
 
 
+_MASK_LOGITS_OK: bool | None = None  # does this transformers accept a boolean [batch, seq] logits_to_keep?
+
+
+def _supervised_logits(peft_model, batch: dict, autocast) -> torch.Tensor:
+    """Logits at the supervised positions only, [n_supervised, vocab], in (batch, position) order.
+
+    The vocabulary projection at every position would cost more memory than the rest of the step, so
+    `logits_to_keep` selects the positions: a boolean mask where transformers supports it (>= 5.2x),
+    else the union of positions (a 1-D index, supported by all 5.x) followed by a gather.
+    """
+    global _MASK_LOGITS_OK
+    keep = batch["keep"]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if _MASK_LOGITS_OK is not False:
+        try:
+            with autocast:
+                logits = peft_model(**kwargs, logits_to_keep=keep).logits
+            if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
+                _MASK_LOGITS_OK = True
+                return logits
+        except (IndexError, TypeError, RuntimeError):
+            if _MASK_LOGITS_OK:
+                raise
+        _MASK_LOGITS_OK = False
+    columns = keep.any(dim=0).nonzero()[:, 0]
+    with autocast:
+        logits = peft_model(**kwargs, logits_to_keep=columns).logits  # [batch, n_columns, vocab]
+    return logits[keep[:, columns]]
+
+
 def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
     """Mean over supervised tokens of -sum_k p_teacher(k) * log p_student(k).
 
@@ -190,14 +224,8 @@ def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
     teacher restricted to its top-k (equal to the KL up to a constant), and positions where the teacher
     spreads mass beyond its top-k simply weigh a little less.
     """
-    with autocast:
-        out = peft_model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-            logits_to_keep=batch["keep"],
-        )
-    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [n_supervised, vocab]
+    logits = _supervised_logits(peft_model, batch, autocast)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n_supervised, vocab]
     soft = logp[batch["is_soft"]]
     per_token = -(batch["topk_logprobs"].exp() * soft.gather(-1, batch["topk_ids"])).sum(-1)
     if batch["hard_targets"].numel():

@@ -205,3 +205,50 @@ def test_default_model_init_matches_in_context():
     got = _logits_with_cache(lm, emb, q)
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
     assert lm.fingerprint.startswith("SmolLM2-135M-Instruct.Q4_1.gguf@sha256:")
+
+
+def _save_tiny_hf(folder, *, chat_template=True, **config_overrides):
+    from transformers import AutoTokenizer
+
+    lm = shared_tiny_lm()
+    config = lm.model.config.to_dict()
+    config.update(config_overrides)
+    model = type(lm.model)(type(lm.model.config).from_dict(config))
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(lm.tokenizer.name_or_path)
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    for leftover in ([] if chat_template else list(folder.glob("chat_template.*"))):
+        leftover.unlink()
+    return folder
+
+
+def test_load_hf_folder_and_fingerprint(tmp_path):
+    from engine.models import load_model
+
+    folder = _save_tiny_hf(tmp_path / "tiny-hf")
+    lm = load_model(str(folder), "cpu")
+    assert lm.spec == str(folder) and lm.n_kv_heads == 2 and lm.head_dim == 16 and lm.n_layers == 2
+    assert lm.fingerprint.startswith("tiny-hf@sha256:") and len(lm.fingerprint.split(":")[1]) == 64
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    # A cartridge made on it round-trips; the fingerprint survives moving the folder.
+    moved = tmp_path / "elsewhere" / "tiny-hf"
+    moved.parent.mkdir()
+    folder.rename(moved)
+    from engine.models import hf_fingerprint
+
+    assert hf_fingerprint(str(moved)) == lm.fingerprint
+
+
+@pytest.mark.parametrize("overrides,chat_template,message", [
+    ({"sliding_window": 64}, True, "sliding-window"),
+    ({}, False, "chat template"),
+])
+def test_unsupported_hf_models_are_refused(tmp_path, overrides, chat_template, message):
+    from engine.errors import UserError
+    from engine.models import load_model
+
+    folder = _save_tiny_hf(tmp_path / "bad", chat_template=chat_template, **overrides)
+    with pytest.raises(UserError, match=message):
+        load_model(str(folder), "cpu")

@@ -155,3 +155,17 @@ def test_presets_and_overrides():
     assert TrainConfig(batch_size=4).total_steps(10) == 3
     with pytest.raises(Exception):
         PRESETS["quick"].replace(nonsense=1)
+
+
+def test_loss_same_without_mask_logits_to_keep(monkeypatch):
+    """Older transformers 5.x lack boolean logits_to_keep; the index fallback gives the same loss."""
+    import engine.training as training
+
+    lm = shared_tiny_lm()
+    convs = teacher_conversations(lm)
+    peft_model = create_cartridge_model(lm, 8, CORPUS)
+    batch = _collate([_example(lm, c, TrainConfig(), 8) for c in convs], lm.tokenizer.pad_token_id, lm.device)
+    off = torch.autocast("cpu", enabled=False)
+    with_mask = distill_loss(peft_model, batch, off)
+    monkeypatch.setattr(training, "_MASK_LOGITS_OK", False)
+    torch.testing.assert_close(distill_loss(peft_model, batch, off), with_mask)

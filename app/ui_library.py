@@ -1,0 +1,335 @@
+"""Library tab: add a folder (preview, manifest), the list of corpora, rename / remove / make a version current."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from app.ui_common import corpus_dropdown, guarded, number, open_db, version_choices, warn, when
+from engine import library, registry
+from engine.errors import UserError
+from engine.ingest import ingest
+
+SAMPLE_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "sample"
+PREVIEW_IGNORE = "*/.git"  # the explorer is a preview; the scan applies the real rules
+
+LIBRARY_HEADERS = ["Corpus", "Status", "Current", "Versions", "Files", "Tokens", "Cartridge", "p", "Trained",
+                   "Eval (answer NLL)", "Folder"]
+MANIFEST_HEADERS = ["File", "Status", "Tokens", "Reason"]
+VERSION_HEADERS = ["Version", "Status", "Files", "Tokens", "Cartridge", "p", "Recorded", "Note"]
+
+
+# -- pure views ------------------------------------------------------------------------------------
+
+def library_rows(busy: set[str]) -> list[list]:
+    with open_db() as db:
+        summaries = library.corpus_summaries(db, busy)
+    rows = []
+    for s in summaries:
+        status = s["status"] + (f": {s['error']}" if s["error"] else "") + (" · watched" if s["watch"] else "")
+        rows.append([s["name"], status, f"v{s['current_version']}" if s["current_version"] else "–",
+                     s["versions"], s["files"], number(s["tokens"]),
+                     f"{s['cartridge_mb']:.2f} MB" if s["cartridge_mb"] is not None else "–",
+                     s["p"] if s["p"] is not None else "–", when(s["trained"]) or "–",
+                     library.eval_brief(s["eval"]) or "–", s["root"]])
+    return rows
+
+
+def manifest_view(files: list[dict], title: str) -> tuple[str, list[list]]:
+    totals = library.manifest_summary(files)
+    lines = [f"### {html.escape(title)}",
+             f"**{totals['included']:,} files included** · {totals['skipped']:,} skipped · "
+             f"**{totals['tokens']:,} tokens** in the corpus"]
+    if totals["reasons"]:
+        lines.append("Skipped: " + ", ".join(f"{html.escape(reason)} ({count})" for reason, count in totals["reasons"]))
+    if totals["warning"]:
+        lines.append(f"> ⚠️ {totals['warning']}")
+    if not totals["icl_fits"]:
+        lines.append("> The whole folder does not fit the default model's context, so the *in context (icl)* "
+                     "comparison in Chat and Evaluate will not run for it; the cartridge will.")
+    rows = [[f["path"], f["status"], f["tokens"] if f["tokens"] is not None else "", f["reason"] or ""]
+            for f in files]
+    return "\n\n".join(lines), rows
+
+
+def version_view(corpus: str | None) -> list[list]:
+    if not corpus:
+        return []
+    with open_db() as db:
+        if registry.find_corpus(db, name=corpus) is None:
+            return []
+        rows = library.version_rows(db, corpus)
+    return [[f"v{v['number']}" + (" (current)" if v["current"] else ""), v["status"], v["files"], number(v["tokens"]),
+             f"{v['cartridge_mb']:.2f} MB" if v["cartridge_mb"] is not None else "–",
+             v["p"] if v["p"] is not None else "–", when(v["created"]), v["error"] or ""] for v in rows]
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    items = [p.strip() for line in (text or "").splitlines() for p in line.split(",") if p.strip()]
+    return items or None
+
+
+# -- the tab ---------------------------------------------------------------------------------------
+
+def build(ctx) -> dict:
+    queue = ctx.queue
+    gr.Markdown("Add a folder to make it a **corpus**. Cartridge Desktop reads it (it never writes to it), "
+                "records a version of its text, and shows you exactly what goes in before you train.",
+                elem_classes="lead")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            with gr.Group():
+                path = gr.Textbox(label="Folder", elem_id="folder-path",
+                                  placeholder="/home/you/notes  or  ~/code/project",
+                                  info="Type or paste the path of a folder on this computer, then press Enter.")
+                name = gr.Textbox(label="Name (optional)", placeholder="defaults to the folder's name")
+                exclude = gr.Textbox(label="Exclude patterns (optional)", lines=2, elem_id="exclude-patterns",
+                                     placeholder="drafts/\n*.csv",
+                                     info="gitignore-style, one per line; .gitignore files are honoured already")
+            with gr.Row():
+                scan_btn = gr.Button("Scan folder", variant="primary", elem_id="scan-btn")
+                sample_btn = gr.Button("Use the sample folder", variant="secondary", size="md")
+        with gr.Column(scale=4):
+            # One explorer, re-pointed at each folder (an explorer created later by a re-render breaks in the page).
+            placeholder = gr.Markdown("*A preview of the folder appears here.*", elem_classes="placeholder")
+            explorer = gr.FileExplorer(root_dir=SAMPLE_FOLDER, glob="**/*", ignore_glob=PREVIEW_IGNORE,
+                                       label="Preview", max_height=300, file_count="multiple", visible=False,
+                                       interactive=True,
+                                       elem_id="folder-preview")
+            drop = gr.Button("Exclude the selected files", size="sm", visible=False)
+            preview_root = gr.State("")
+
+    manifest_md = gr.Markdown(elem_id="manifest-summary")
+    manifest = gr.Dataframe(headers=MANIFEST_HEADERS, value=[], interactive=False, label="Manifest", max_height=320,
+                            column_widths=["50%", "12%", "10%", "28%"], wrap=True, visible=False)
+    ingest_json = gr.JSON(visible=False)
+    train_this = gr.Button("Train this corpus →", variant="primary", visible=False, size="md")
+
+    with gr.Row(equal_height=True, elem_classes="cd-section"):
+        gr.Markdown("## Your corpora")
+        refresh_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
+    table = gr.Dataframe(headers=LIBRARY_HEADERS, value=[], interactive=False, wrap=True, max_height=360,
+                         elem_id="library-table", label="Click a row to manage it")
+    with gr.Group():
+        selected = gr.Dropdown(allow_custom_value=True, label="Manage corpus", choices=[], elem_id="manage-corpus")
+        with gr.Tabs():
+            with gr.Tab("Versions"):
+                versions = gr.Dataframe(headers=VERSION_HEADERS, value=[], interactive=False, max_height=260)
+                with gr.Row(equal_height=False, elem_classes="cd-inline"):
+                    version_pick = gr.Dropdown(allow_custom_value=True, label="Trained version", choices=[], scale=3)
+                    make_current = gr.Button("Make this version current", scale=2, size="md")
+            with gr.Tab("Files"):
+                show_files = gr.Button("Show the files of the last scan", size="md")
+            with gr.Tab("Watch"):
+                watch_box = gr.Checkbox(label="Watch this folder: rescan it when files change and retrain the "
+                                              "cartridge in the background", elem_id="watch-box")
+                watch_md = gr.Markdown(elem_classes="cd-note")
+            with gr.Tab("Rename"):
+                with gr.Row(equal_height=False, elem_classes="cd-inline"):
+                    new_name = gr.Textbox(label="New name", scale=3)
+                    rename_btn = gr.Button("Rename", scale=1, size="md")
+            with gr.Tab("Remove"):
+                gr.Markdown("Removing forgets the corpus, its versions, cartridges' records and training runs. "
+                            "**The folder on disk is not touched.**")
+                remove_btn = gr.Button("Remove from the library…", variant="stop", size="md")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm_md = gr.Markdown()
+                    confirm_yes = gr.Button("Yes, remove it", variant="stop", size="md")
+                    confirm_no = gr.Button("Cancel", size="md")
+
+    # -- handlers --
+
+    def refresh_all(current):
+        """The corpora table, the corpus picker and the picked corpus's versions, as they are now."""
+        picker = corpus_dropdown(current)
+        chosen = picker.get("value")
+        return (library_rows(queue.busy_corpora()), picker, version_view(chosen),
+                gr.update(choices=version_choices(chosen, ready_only=True)[1:]))
+
+    def watch_view(corpus):
+        if not corpus:
+            return gr.update(value=False, interactive=False), ""
+        with open_db() as db:
+            row = registry.find_corpus(db, name=corpus)
+        if row is None:
+            return gr.update(value=False, interactive=False), ""
+        if ctx.watcher is None:
+            return gr.update(value=row["watch"], interactive=False), "Folder watch is off in this session."
+        status = ctx.watcher.status(corpus)
+        if not status:
+            return gr.update(value=False, interactive=True), (
+                "Not watched. When on, changes are picked up after the folder has been quiet for a minute; "
+                "chat keeps using the current cartridge until the new one is ready.")
+        how = "following changes as they happen" if status["mode"] == "events" else "rescanning every few minutes"
+        parts = [f"Watching `{html.escape(status['root'])}`, {how}; {status['state']}"]
+        if status["pending"]:
+            parts.append(f"{status['pending']} changed file(s) waiting for the folder to be quiet")
+        if status.get("last_event"):
+            event = status["last_event"]
+            parts.append(f"last: {html.escape(event['message'])} ({when(event['created'])})")
+        if status.get("error"):
+            parts.append(f"**{html.escape(status['error'])}**")
+        return gr.update(value=True, interactive=True), " · ".join(parts)
+
+    def on_selected(corpus):
+        return (version_view(corpus), gr.update(choices=version_choices(corpus, ready_only=True)[1:], value=None),
+                gr.update(visible=False), *watch_view(corpus))
+
+    @guarded
+    def do_watch(corpus, on):
+        if not corpus:
+            raise UserError("pick a corpus first")
+        if ctx.watcher is None:
+            raise UserError("folder watch is off in this session")
+        if on:
+            ctx.watcher.watch(corpus)
+            gr.Info(f"Watching {corpus}: changes will be trained in the background")
+        else:
+            ctx.watcher.unwatch(corpus)
+            gr.Info(f"No longer watching {corpus}")
+        return (library_rows(queue.busy_corpora()), *watch_view(corpus))
+
+    def set_preview(folder, shown):
+        folder = os.path.expanduser((folder or "").strip())
+        root = os.path.realpath(folder) if folder and os.path.isdir(folder) else ""
+        if root == shown:  # e.g. the field lost focus: keep the explorer and what is selected in it
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if not root:
+            return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False), ""
+        return (gr.update(visible=False), gr.update(root_dir=root, label=f"Preview of {root}", value=[], visible=True),
+                gr.update(visible=True), root)
+
+    def add_excludes(selected, folder, current):
+        root = os.path.realpath(os.path.expanduser((folder or "").strip() or "."))
+        lines = [line for line in (current or "").splitlines() if line.strip()]
+        for path in selected or []:
+            rel = os.path.relpath(path, root)
+            if rel in (".", "") or rel.startswith(".."):
+                continue
+            lines.append(rel.replace(os.sep, "/") + ("/" if os.path.isdir(path) else ""))
+        return "\n".join(dict.fromkeys(lines))
+
+    @guarded
+    def do_ingest(folder, corpus_name, patterns, progress=gr.Progress()):
+        folder = (folder or "").strip()
+        if not folder:
+            raise UserError("type the path of a folder first")
+        seen = {"n": 0}
+
+        def on_progress(count, rel):
+            if count - seen["n"] >= 25:
+                seen["n"] = count
+                progress(None, desc=f"scanned {count:,} files · {rel}")
+
+        with open_db() as db:
+            result = ingest(folder, name=(corpus_name or "").strip() or None, ignore=_patterns(patterns), db=db,
+                            on_progress=on_progress)
+        files = [{"path": f.path, "status": f.status, "reason": f.reason, "tokens": f.tokens} for f in result.files]
+        state = f"new version v{result.version['number']}" if result.changed else \
+            f"unchanged since v{result.version['number']}"
+        summary, rows = manifest_view(files, f"{result.corpus['name']} — {state}")
+        if library.budget_warning(result.version["tokens"]):
+            warn(library.budget_warning(result.version["tokens"]))
+        doc = result.to_json()  # for API callers; "path" keys would be taken for file objects by gradio_client
+        doc["files"] = [{"file": f.pop("path"), **f} for f in doc["files"]]
+        return (summary, gr.update(value=rows, visible=True), doc,
+                gr.update(visible=True), library_rows(queue.busy_corpora()),
+                corpus_dropdown(result.corpus["name"]))
+
+    @guarded
+    def do_show_files(corpus):
+        if not corpus:
+            raise UserError("pick a corpus first")
+        with open_db() as db:
+            files = library.catalog_manifest(db, corpus)
+        summary, rows = manifest_view(files, f"{corpus} — files of the last scan")
+        return summary, gr.update(value=rows, visible=True), gr.update(visible=False)
+
+    @guarded
+    def do_rename(corpus, new):
+        new = (new or "").strip()
+        if not corpus or not new:
+            raise UserError("pick a corpus and type its new name")
+        if corpus in queue.busy_corpora():
+            raise UserError(f"{corpus!r} is training; rename it when the job is over")
+        watched = ctx.watcher is not None and ctx.watcher.status(corpus) is not None
+        if watched:
+            ctx.watcher.unwatch(corpus)
+        with open_db() as db:
+            registry.rename_corpus(db, corpus, new)
+        if watched:
+            ctx.watcher.watch(new)
+        gr.Info(f"Renamed {corpus} to {new}")
+        return library_rows(queue.busy_corpora()), corpus_dropdown(new), ""
+
+    @guarded
+    def ask_remove(corpus):
+        if not corpus:
+            raise UserError("pick a corpus first")
+        with open_db() as db:
+            root = registry.get_corpus(db, corpus)["root"]
+        return gr.update(visible=True), (f"Remove **{html.escape(corpus)}** from the library? "
+                                         f"Your files in `{html.escape(root)}` stay where they are.")
+
+    @guarded
+    def do_remove(corpus):
+        if not corpus:
+            raise UserError("pick a corpus first")
+        if corpus in queue.busy_corpora():
+            raise UserError(f"{corpus!r} has a training job; cancel it on the Train tab first")
+        if ctx.watcher is not None and ctx.watcher.status(corpus) is not None:
+            ctx.watcher.unwatch(corpus)
+        with open_db() as db:
+            registry.delete_corpus(db, registry.get_corpus(db, corpus)["id"])
+        ctx.forget_corpus(corpus)
+        gr.Info(f"Removed {corpus} from the library (its folder is untouched)")
+        return library_rows(queue.busy_corpora()), corpus_dropdown(None), gr.update(visible=False)
+
+    @guarded
+    def do_make_current(corpus, version):
+        if not corpus or not version:
+            raise UserError("pick a corpus and one of its trained versions")
+        with open_db() as db:
+            registry.set_current_version(db, registry.get_corpus(db, corpus), int(version))
+        gr.Info(f"{corpus}: v{version} is now current")
+        return library_rows(queue.busy_corpora()), version_view(corpus)
+
+    def pick_row(evt: gr.SelectData, rows):
+        try:
+            row = evt.index[0]
+            return rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
+        except (IndexError, KeyError, TypeError):
+            return gr.skip()
+
+    # -- wiring --
+    preview_in, preview = [path, preview_root], [placeholder, explorer, drop, preview_root]
+    quiet = {"api_visibility": "undocumented", "show_progress": "hidden"}
+    path.submit(set_preview, preview_in, preview, api_name="preview_folder", show_progress="hidden")
+    path.blur(set_preview, preview_in, preview, api_name="preview_folder_blur", **quiet)
+    drop.click(add_excludes, [explorer, path, exclude], exclude, api_name="exclude_selected",
+               api_visibility="undocumented")
+    sample_btn.click(lambda: (str(SAMPLE_FOLDER), ""), None, [path, name], api_name="sample_folder").then(
+        set_preview, preview_in, preview, api_name="preview_sample", **quiet)
+    scan_btn.click(do_ingest, [path, name, exclude], [manifest_md, manifest, ingest_json, train_this, table, selected],
+                   api_name="ingest").then(set_preview, preview_in, preview, api_name="preview_scanned", **quiet)
+    refresh_outputs = [table, selected, versions, version_pick]
+    refresh_btn.click(refresh_all, selected, refresh_outputs, api_name="refresh_library")
+    selected.change(on_selected, selected, [versions, version_pick, confirm_row, watch_box, watch_md],
+                    api_name="corpus_versions")
+    watch_box.input(do_watch, [selected, watch_box], [table, watch_box, watch_md], api_name="watch_corpus")
+    table.select(pick_row, table, selected, api_name="pick_corpus_row", api_visibility="undocumented")
+    show_files.click(do_show_files, selected, [manifest_md, manifest, train_this], api_name="manifest")
+    rename_btn.click(do_rename, [selected, new_name], [table, selected, new_name], api_name="rename_corpus")
+    remove_btn.click(ask_remove, selected, [confirm_row, confirm_md], api_name="ask_remove",
+                     api_visibility="undocumented")
+    confirm_no.click(lambda: gr.update(visible=False), None, confirm_row, api_name="cancel_remove",
+                     api_visibility="undocumented")
+    confirm_yes.click(do_remove, selected, [table, selected, confirm_row], api_name="remove_corpus")
+    make_current.click(do_make_current, [selected, version_pick], [table, versions], api_name="make_current")
+
+    return {"table": table, "selected": selected, "refresh": refresh_all, "refresh_outputs": refresh_outputs,
+            "train_this": train_this,
+            "ingest_json": ingest_json}

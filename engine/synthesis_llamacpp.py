@@ -1,0 +1,154 @@
+"""Self-study synthesis on llama.cpp: the quantised GGUF writes the conversations, one sequence at a time.
+
+Per chunk, the system prompt with the chunk is evaluated once; the user turn (sampled from a seed prompt)
+and the answer turn (greedy) both continue from that KV, because the engine keeps the longest common
+prefix of consecutive prompts and drops only what follows it. The teacher's top-k log-probabilities
+come from the very logits that chose each greedy answer token: no second forward pass.
+
+Same contract as the torch backend in `engine.synthesis` (same system prompt, seed draw, user-message
+cleaning and filter with one retry, answers that keep their final stop token with its top-k). It is that
+module's "llamacpp" backend, through `engine.llamacpp.synthesize` (importing this module registers it too).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engine.conversations import Conversation
+from engine.errors import UserError
+from engine.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
+from engine.models import chat_ids
+from engine.synthesis import (
+    BACKENDS,
+    _draw_seed,
+    _stop_ids,
+    chunk_system_prompt,
+    clean_user_message,
+    is_bad_user_message,
+    salvage_truncated,
+)
+
+CONTEXT_MARGIN = 320  # template, seed prompt and headers on top of the chunk and the two turns
+
+
+def context_size_for(chunks: Iterable, max_user_tokens: int, max_answer_tokens: int, limit: int = 8192) -> int:
+    """A llama.cpp context large enough for the longest chunk plus both turns (multiple of 256)."""
+    longest = max((int(getattr(c, "n_tokens", 0) or 0) for c in chunks), default=0) or 2048
+    need = longest + max(max_user_tokens, 128) + max_answer_tokens + CONTEXT_MARGIN
+    return min(limit, max(1024, -(-need // 256) * 256))
+
+
+def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dict[str, list[str]], *,
+                            rng: random.Random, sampler: np.random.Generator, stop: set[int], k: int = 20,
+                            temperature: float = 0.6, max_user_tokens: int = 96,
+                            max_answer_tokens: int = 192) -> Conversation | None:
+    """One conversation for one chunk, or None when both user-turn attempts fail the filter.
+
+    The engine must hold no cartridge (the teacher sees the chunk, not a cartridge); its sequence is
+    reused: whatever prefix the previous call left is kept as far as it matches.
+    """
+    system = {"role": "system", "content": chunk_system_prompt(chunk)}
+    user, seed_type, seed_text = "", "", ""
+    for _attempt in range(2):
+        seed_type, seed_text = _draw_seed(seeds, rng, avoid=seed_text)
+        prompt = chat_ids(tokenizer, [system, {"role": "user", "content": seed_text}], add_generation_prompt=True)
+        turn = engine.generate_stats(prompt, max_user_tokens, temperature, stop, rng=sampler)
+        message, finished = clean_user_message(tokenizer.decode(turn.tokens, skip_special_tokens=True)), turn.stopped
+        if not finished and (cut := salvage_truncated(message)) is not None:
+            message, finished = clean_user_message(cut), True  # the question a long message started with
+        if not is_bad_user_message(message, seed_text, finished):
+            user = message
+            break
+    if not user:
+        return None
+
+    rows_ids: list[np.ndarray] = []
+    rows_lp: list[np.ndarray] = []
+    chosen: list[int] = []
+
+    def keep_topk(logits: np.ndarray) -> None:
+        ids, lp = topk_logprobs(logits, k)
+        rows_ids.append(ids)
+        rows_lp.append(lp)
+        chosen.append(int(np.argmax(logits)))  # the greedy choice, stop token included
+
+    prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
+    answer = engine.generate_stats(prompt, max_answer_tokens, 0.0, stop, on_logits=keep_topk)
+    if not answer.tokens:
+        return None
+    answer_ids = list(answer.tokens)
+    if answer.stopped:  # the stop token closes the answer; its row was recorded by keep_topk
+        answer_ids.append(chosen[len(answer_ids)])
+    n = len(answer_ids)
+    assert chosen[:n] == answer_ids
+    files = list(getattr(chunk, "files", []) or [])
+    hashes = list(getattr(chunk, "file_hashes", []) or [""] * len(files))
+    return Conversation(user=user, answer_ids=np.asarray(answer_ids, np.int32),
+                        topk_ids=np.stack(rows_ids[:n]).astype(np.int32),
+                        topk_logprobs=np.stack(rows_lp[:n]).astype(np.float16),
+                        files=files, file_hashes=hashes, seed_type=seed_type)
+
+
+def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterable, n: int, *,
+                        seeds: dict[str, list[str]], k: int = 20, temperature: float = 0.6, max_user_tokens: int = 96,
+                        max_answer_tokens: int = 192, seed: int = 0,
+                        on_progress: Callable[[int, int], None] | None = None,
+                        engine: LlamaCppEngine | None = None, n_ctx: int | None = None) -> Iterator[Conversation]:
+    """Yield up to `n` conversations, one chunk per attempt (a chunk whose user turn fails twice is skipped).
+
+    `model_path` is the GGUF (None: the default model); `tokenizer` is the same model's transformers
+    tokenizer (prompts are built by `chat_ids`, exactly as in training). Pass `engine` to reuse a context.
+    """
+    if not seeds:
+        raise UserError("no seed prompts")
+    if n <= 0:
+        return
+    if engine is None:
+        if not isinstance(chunks, (list, tuple)):
+            chunks = list(chunks)
+        size = n_ctx or context_size_for(chunks, max_user_tokens, max_answer_tokens)
+        engine = LlamaCppEngine(model_path, n_ctx=size)
+    engine.clear()
+    rng = random.Random(seed)
+    sampler = np.random.default_rng(seed)
+    stop = _stop_ids(tokenizer)
+    produced = 0
+    for chunk in chunks:
+        if produced >= n:
+            break
+        conversation = self_study_conversation(
+            engine, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k, temperature=temperature,
+            max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
+        if conversation is None:
+            continue
+        yield conversation
+        produced += 1
+        if on_progress is not None:
+            on_progress(produced, n)
+
+
+def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max_user_tokens, max_answer_tokens,
+                     batch_size, on_progress, seed) -> Iterator[Conversation]:
+    """`engine.synthesis.BACKENDS["llamacpp"]`: the default GGUF on llama.cpp; any other model, or a
+    llama.cpp whose KV layout is not the known one, goes to the torch backend."""
+    torch_backend = BACKENDS["torch"]
+    kwargs = dict(seeds=seeds, k=k, temperature=temperature, max_user_tokens=max_user_tokens,
+                  max_answer_tokens=max_answer_tokens, on_progress=on_progress, seed=seed)
+    if getattr(lm, "spec", None) != "default":
+        return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
+    chunks = list(chunks)
+    try:
+        engine = LlamaCppEngine(None, n_ctx=context_size_for(chunks, max_user_tokens, max_answer_tokens))
+    except LayoutUnsupported:
+        return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
+    if engine.fingerprint != lm.fingerprint:  # the torch model must be the same file the cartridge is trained on
+        engine.close()
+        return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
+    return synthesize_llamacpp(engine.model_path, lm.tokenizer, chunks, n, engine=engine, **kwargs)
+
+
+BACKENDS.setdefault("llamacpp", llamacpp_backend)

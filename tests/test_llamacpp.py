@@ -1,0 +1,230 @@
+"""Cartridges served through llama.cpp: the KV-state writer, against llama.cpp itself and against torch.
+
+Real default model (SmolLM2-135M-Instruct Q4_1). Tolerances:
+- injected KV vs the same tokens evaluated by llama.cpp: logits bit-identical (max |diff| == 0), same
+  32-token greedy continuation (the state round-trips f16 -> fp32 -> f16 exactly);
+- llama.cpp's KV vs torch's (fp32, dequantised weights) for the same tokens: relative L2 error < 5% for
+  keys and < 10% for values (measured 1.5% / 3.4%); without the head-dim permutation keys are off by > 100%;
+- llama.cpp with a torch cartridge injected vs torch with that cartridge, teacher-forced over the prompt
+  and 24 answer tokens: top-1 agreement >= 85% and mean KL(torch || llama.cpp) < 0.05 nats
+  (Q4_1 weights with Q8 activations vs fp32; measured ~0.003 at the next-token position).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cartridge import compose, Cartridge, init_ids, to_cache
+from engine.errors import CartridgeMismatch, UserError
+from engine.llamacpp import (
+    KVLayout,
+    LayoutUnsupported,
+    LlamaCppEngine,
+    decode_state,
+    encode_state,
+    hf_to_gguf_order,
+    log_softmax,
+    template_prefix_ids,
+    topk_logprobs,
+)
+from engine.models import chat_ids
+from tests.conftest import ASSETS
+
+P = 48
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from engine.models import load_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CARTRIDGE_HOME", str(tmp_path_factory.mktemp("home")))
+        return load_model()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = LlamaCppEngine(n_ctx=512)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [(ASSETS / "sample" / name).read_text(encoding="utf-8") for name in ("handbook.md", "safety.md")]
+
+
+def torch_kv(lm, ids: list[int]) -> torch.Tensor:
+    """The KV torch computes for `ids` at positions 0.., as a [p, width] cartridge tensor (PEFT layout)."""
+    with torch.no_grad():
+        cache = lm.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    layers = []
+    for layer in range(lm.n_layers):
+        keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [heads, p, dim]
+        layers.append(torch.stack([keys, values], dim=0).permute(2, 0, 1, 3))  # [p, 2, heads, dim]
+    return torch.stack(layers, dim=1).reshape(len(ids), -1).float()
+
+
+def torch_logits(lm, embeddings: torch.Tensor, ids: list[int]) -> np.ndarray:
+    """Torch logits for every position of `ids` after the cartridge (fp32, the engine.cartridge cache path)."""
+    p = embeddings.shape[0]
+    with torch.no_grad():
+        mask = torch.ones(1, p + len(ids), dtype=torch.long)
+        out = lm.model(input_ids=torch.tensor([ids]), past_key_values=to_cache(embeddings, lm), attention_mask=mask)
+    return out.logits[0].float().numpy()
+
+
+def question(lm, text: str = "What must everyone do before using the laser cutter?") -> list[int]:
+    return chat_ids(lm.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def test_state_layout_matches_torch_kv(lm, engine, texts):
+    ids = init_ids(lm, P, texts[0])
+    engine.prefix_from_tokens(ids)
+    state = engine.read_state()
+    layout = engine.layout
+    assert layout == KVLayout(n_layer=lm.n_layers, n_kv_heads=lm.n_kv_heads, head_dim=lm.head_dim, v_trans=True)
+    assert len(state) == layout.state_size(P)
+    parsed = decode_state(state, layout)
+    assert parsed.seq_id == 0 and list(parsed.positions) == list(range(P))
+    assert encode_state(parsed.embeddings, layout) == state  # every byte accounted for
+
+    ours = parsed.embeddings.reshape(P, lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+    theirs = torch_kv(lm, ids).numpy().reshape(ours.shape)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    assert rel(ours[:, :, 0], theirs[:, :, 0]) < 0.05
+    assert rel(ours[:, :, 1], theirs[:, :, 1]) < 0.10
+    # The head-dim permutation is real: llama.cpp's keys read in GGUF order do not match torch's.
+    unpermuted = ours[:, :, 0][..., hf_to_gguf_order(lm.head_dim)]
+    assert rel(unpermuted, theirs[:, :, 0]) > 0.5
+
+
+def test_injected_state_equals_evaluated_tokens(lm, engine, texts):
+    ids = init_ids(lm, P, texts[0])
+    prompt = question(lm)
+    engine.prefix_from_tokens(ids)
+    own_kv = engine.read_kv()
+    evaluated = engine.next_token_logits(prompt)
+    evaluated_gen = engine.generate(prompt, 32, stop_ids=set())
+
+    assert engine.inject(own_kv) == P and engine.n_past == P
+    injected = engine.next_token_logits(prompt)
+    assert engine.n_past == P + len(prompt)
+    assert np.abs(injected - evaluated).max() == 0.0
+    assert engine.generate(prompt, 32, stop_ids=set()) == evaluated_gen
+    assert len(evaluated_gen) == 32
+
+
+def test_torch_cartridge_agrees_with_torch(lm, engine, texts):
+    ids = init_ids(lm, P, texts[0])
+    emb = torch_kv(lm, ids)
+    prompt = question(lm)
+    engine.inject(emb)
+    answer = engine.generate(prompt, 24, stop_ids=set())
+    forced = prompt + answer
+    engine.inject(emb)
+    ours = engine.eval(forced, all_logits=True)[len(prompt) - 1:]
+    theirs = torch_logits(lm, emb, forced)[len(prompt) - 1:]
+    assert ours.shape == theirs.shape == (len(answer) + 1, engine.n_vocab)
+    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
+    lp_t = np.stack([log_softmax(r) for r in theirs])
+    lp_o = np.stack([log_softmax(r) for r in ours])
+    kl = float((np.exp(lp_t) * (lp_t - lp_o)).sum(-1).mean())
+    print(f"llama.cpp vs torch over {len(ours)} positions: top-1 agreement {top1:.3f}, mean KL {kl:.4f}, "
+          f"max |logit diff| {np.abs(ours - theirs).max():.3f}")
+    assert top1 >= 0.85, top1
+    assert kl < 0.05, kl
+    assert ours[0].argmax() in np.argsort(-theirs[0])[:3]
+
+
+def test_composed_cartridges_generate(lm, engine, texts):
+    parts = [Cartridge(torch_kv(lm, init_ids(lm, 24, t)), {}, None) for t in texts]
+    emb = compose(parts)
+    assert emb.shape[0] == 24 + 23
+    prompt = question(lm, "What are the opening hours, and what safety gear is needed?")
+    engine.inject(emb, warm_ids=template_prefix_ids(lm.tokenizer))
+    streamed: list[int] = []
+    out = engine.generate(prompt, 16, on_token=streamed.append)
+    assert out and streamed == out
+    assert engine.n_past == emb.shape[0] + len(prompt) + len(out) - 1
+    engine.inject(emb)
+    ours = engine.next_token_logits(prompt)
+    theirs = torch_logits(lm, emb, prompt)[-1]
+    assert ours.argmax() == theirs.argmax()
+
+
+def test_wrong_layouts_are_refused(lm, engine, texts, monkeypatch):
+    emb = torch_kv(lm, init_ids(lm, 8, texts[0]))
+    good = encode_state(emb, engine.layout)
+
+    bad_magic = b"\0\0\0\0" + good[4:]
+    with pytest.raises(LayoutUnsupported):
+        decode_state(bad_magic, engine.layout)
+    with pytest.raises(LayoutUnsupported, match="refused"):
+        engine.write_state(bad_magic, prefix_len=8)
+    assert engine.n_past == 0
+
+    other = KVLayout(n_layer=engine.layout.n_layer - 1, n_kv_heads=engine.layout.n_kv_heads,
+                     head_dim=engine.layout.head_dim)
+    fewer_layers = encode_state(emb.reshape(8, -1)[:, : other.width], other)
+    with pytest.raises(LayoutUnsupported, match="layer"):
+        engine.write_state(fewer_layers, prefix_len=8)
+    with pytest.raises(LayoutUnsupported, match="layers"):
+        decode_state(fewer_layers, engine.layout)
+    with pytest.raises(LayoutUnsupported):
+        decode_state(good[:-3], engine.layout)
+    with pytest.raises(CartridgeMismatch):
+        engine.inject(emb[:, :-64])
+    assert issubclass(LayoutUnsupported, UserError)
+
+    # The engine still works after refusals.
+    engine.inject(emb)
+    assert engine.generate(question(lm), 4, stop_ids=set())
+
+    import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "__version__", "9.9.9")
+    with pytest.raises(LayoutUnsupported, match="9.9.9"):
+        LlamaCppEngine(n_ctx=256)
+    monkeypatch.undo()
+    monkeypatch.setattr(LlamaCppEngine, "_head_dim", lambda self: 32)
+    with pytest.raises(LayoutUnsupported, match="bytes"):
+        LlamaCppEngine(n_ctx=256)
+
+
+def test_topk_logprobs():
+    logits = np.array([0.0, 3.0, 1.0, 2.0, -1.0], dtype=np.float32)
+    ids, lp = topk_logprobs(logits, 3)
+    assert list(ids) == [1, 3, 2]
+    full = np.log(np.exp(logits) / np.exp(logits).sum())
+    assert np.allclose(lp, full[[1, 3, 2]], atol=1e-6)
+
+
+def test_llamacpp_synthesis(lm, monkeypatch):
+    from engine import synthesis
+    from engine.corpus import Chunk
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the llama.cpp backend fell back to torch")
+
+    monkeypatch.setitem(synthesis.BACKENDS, "torch", no_torch)
+    text = (ASSETS / "sample" / "safety.md").read_text(encoding="utf-8")[:600]
+    chunks = [Chunk(text, ["safety.md"], ["abc"], 0, 140)] * 3
+    seeds = synthesis.load_seed_prompts(ASSETS / "seeds")
+    progress = []
+    convs = list(synthesis.synthesize(lm, chunks, 1, seeds=seeds, k=20, max_user_tokens=48, max_answer_tokens=24,
+                                      seed=1, on_progress=lambda d, n: progress.append(d), backend="llamacpp"))
+    assert len(convs) == 1 and progress == [1]
+    eos = {lm.tokenizer.eos_token_id, lm.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for c in convs:
+        assert c.user and c.seed_type in seeds and c.files == ["safety.md"]
+        assert c.topk_ids.shape == (c.n_tokens, 20) and c.topk_logprobs.dtype == np.float16
+        # Greedy answer: every answer token is the teacher's top-1 of the same step.
+        assert np.array_equal(c.topk_ids[:, 0], c.answer_ids)
+        assert np.all(np.diff(c.topk_logprobs.astype(np.float32), axis=1) <= 1e-3)
+        assert c.n_tokens <= 24 and (c.n_tokens == 24 or int(c.answer_ids[-1]) in eos)
