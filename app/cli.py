@@ -274,6 +274,16 @@ def cmd_ui(args) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------
 
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The training settings shared by `train` and `watch`."""
+    p.add_argument("--preset", default="quick", help="quick (CPU, minutes), standard or thorough (GPU)")
+    p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
+    p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations to synthesize")
+    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
+    p.add_argument("--batch-size", type=int, help="conversations per step")
+    p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cartridge", description="Train cartridges for your folders and chat with them, locally.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -301,12 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a cartridge for a corpus (self-study + distillation)")
     p.add_argument("corpus")
     p.add_argument("--version", type=int, help="version to train (default: the latest)")
-    p.add_argument("--preset", default="quick", help="quick (CPU, minutes), standard or thorough (GPU)")
-    p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
-    p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations to synthesize")
-    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
-    p.add_argument("--batch-size", type=int, help="conversations per step")
-    p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+    _add_train_flags(p)
     p.add_argument("--lr", type=float, help="learning rate (default 2e-2)")
     p.add_argument("--loss-on", choices=["assistant", "all"], help="supervise assistant tokens (default) or all")
     p.add_argument("--seed", type=int)
@@ -348,12 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="act on changes once the folder has been quiet this long (default 60)")
     p.add_argument("--rescan-seconds", type=float, default=600.0, metavar="S",
                    help="also rescan every folder this often, for changes the watcher missed (default 600)")
-    p.add_argument("--preset", default="quick", help="training preset for the retrains (default quick)")
-    p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
-    p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations for a full train")
-    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
-    p.add_argument("--batch-size", type=int, help="conversations per step")
-    p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+    _add_train_flags(p)
     p.add_argument("--json", action="store_true", help="on exit, print the events and status as one JSON document")
     p.set_defaults(func=cmd_watch)
 
