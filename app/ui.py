@@ -38,7 +38,6 @@ class CartridgeApp(gr.Blocks):
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("css", css())
         kwargs.setdefault("show_error", True)
-        kwargs.setdefault("favicon_path", None)
         return super().launch(*args, **kwargs)
 
 

@@ -260,7 +260,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         db["runs"].update(run_id, {"status": "running", "pid": os.getpid(), "finished": None, "error": None})
     else:
         run_id = registry.create_run(db, corpus["id"], row["id"], config_doc, pid=os.getpid())
-    registry.update_version(db, row["id"], status="training", error=None)
+    was_ready = row["status"] == "ready"  # retraining a ready version: its cartridge keeps serving meanwhile
+    if not was_ready:
+        registry.update_version(db, row["id"], status="training", error=None)
     registry.add_event(db, corpus["id"], "train_started", f"training v{row['number']} (run {run_id})",
                        {"preset": preset, "p": cfg.p})
     began = time.perf_counter()
@@ -351,7 +353,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if isinstance(exc, MemoryError) or "out of memory" in message.lower():
             message = f"out of memory ({message}): try a smaller --tokens or batch size"
         registry.finish_run(db, run_id, "failed", error=message)
-        registry.update_version(db, row["id"], status="failed", error=message)
+        if not was_ready:
+            registry.update_version(db, row["id"], status="failed", error=message)
         registry.add_event(db, corpus["id"], "train_failed", f"training v{row['number']} failed: {message}")
         if isinstance(exc, UserError):
             raise
@@ -368,6 +371,7 @@ def _unwrap(peft_model) -> None:
 
 def _stopped(db, corpus: dict, row: dict, run_id: int, status: str = "cancelled"):
     registry.finish_run(db, run_id, status, error="stopped before the end; resume to continue")
-    registry.update_version(db, row["id"], status="interrupted", error="training was stopped")
+    if db["versions"].get(row["id"])["status"] != "ready":
+        registry.update_version(db, row["id"], status="interrupted", error="training was stopped")
     registry.add_event(db, corpus["id"], status, f"training v{row['number']} stopped (run {run_id})")
     return None

@@ -109,16 +109,22 @@ def open_registry(path: Path | None = None) -> sqlite_utils.Database:
     """Open (creating and migrating as needed) the registry with WAL and foreign keys on."""
     path = Path(path) if path else registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
-        db = sqlite_utils.Database(conn)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=30000")
-        migrate(db)
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"cannot open the registry {path}: {exc}") from None
-    return db
+    for attempt in range(5):
+        try:
+            conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+            db = sqlite_utils.Database(conn)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            migrate(db)
+            return db
+        except sqlite3.OperationalError as exc:
+            # Two connections creating a fresh registry at once: one waits for the other's migration.
+            if "locked" not in str(exc) or attempt == 4:
+                raise UserError(f"cannot open the registry {path}: {exc}") from None
+            time.sleep(0.2 * (attempt + 1))
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"cannot open the registry {path}: {exc}") from None
 
 
 @contextmanager

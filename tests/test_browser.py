@@ -202,7 +202,9 @@ def test_click_through_every_tab(browser, tmp_path):
         click_text(driver, "button, span", "Advanced settings")
         for elem_label, value in (("p (virtual tokens)", "8"), ("Conversations", "4"), ("Steps (0 = one pass)", "2"),
                                   ("Batch size", "2"), ("Chunk tokens", "96")):
-            field = driver.find_element("xpath", f"//label[.//span[normalize-space()='{elem_label}']]//input")
+            xpath = f"//label[.//span[normalize-space()='{elem_label}']]//input"
+            wait_for(lambda: [f for f in driver.find_elements("xpath", xpath) if f.is_displayed()])
+            field = driver.find_element("xpath", xpath)
             field.clear()
             field.send_keys(value)
         css(driver, "#train-btn").click()
@@ -261,8 +263,8 @@ def test_click_through_every_tab(browser, tmp_path):
         css(driver, "#eval-qa input[type=file]").send_keys(str(qa))
         wait_text(driver, "two", selector="#eval-qa")
         css(driver, "#eval-btn").click()
-        summary = wait_text(driver, "2 questions", timeout=600, selector="#eval-summary")
-        assert "less KV memory" in summary
+        summary = wait_text(driver, "less KV memory", timeout=600, selector="#eval-summary")
+        assert "sample v1 · 2 questions" in summary
         figures = wait_text(driver, "cartridge", selector="#eval-table")
         assert "none (no corpus)" in figures and "icl (folder in context)" in figures and " MB" in figures
         assert driver.find_elements("css selector", "#eval-chart svg, #eval-chart canvas")

@@ -280,8 +280,8 @@ def test_ingest_train_chat_history_eval(tmp_path):
         client.predict(chat_id, "Opening hours", api_name="/rename_chat")
         assert any(c["title"] == "Opening hours" for c in client.predict(api_name="/list_chats"))
         client.predict(chat_id, api_name="/delete_chat")
-        assert [c["id"] for c in client.predict(api_name="/list_chats")] != [] and \
-            chat_id not in [c["id"] for c in client.predict(api_name="/list_chats")]
+        remaining = [c["id"] for c in client.predict(api_name="/list_chats")]
+        assert remaining and chat_id not in remaining
 
         # evaluation: none / icl / cartridge side by side, remembered in the library
         summary, chart, figures, result = client.predict("sample", "", handle_file(str(qa)),
