@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "llama_cpp": {"decode_tok_s": median(llama_rows, "decode_tok_s"), "ttft_s": median(llama_rows, "ttft_s"),
                       "inject_s": median(llama_rows, "inject_s"), "threads": engine.n_threads, "threads_batch": engine.n_threads_batch,
+                      "thread_fallbacks": engine.governor.fallbacks if engine.governor else 0,
                       "ttft_warm_s": median(warm_rows, "ttft_s"), "inject_warm_s": median(warm_rows, "inject_s"),
                       "template_head_tokens": len(head),
                       "gpu_layers": engine.n_gpu_layers},
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(1-min load average at the end: {result['load_avg_1min']})")
     print(f"{'backend':<10} {'decode tok/s':>13} {'TTFT s':>8}")
     print(f"{'llama.cpp':<10} {lc['decode_tok_s']:>13.1f} {lc['ttft_s']:>8.3f}   (inject {lc['inject_s'] * 1000:.1f} ms, "
-          f"{lc['threads']}/{lc['threads_batch']} decode/prompt threads)")
+          f"{lc['threads']}/{lc['threads_batch']} decode/prompt threads, "
+          f"{lc['thread_fallbacks']} starved-thread fallbacks)")
     print(f"{'  +head':<10} {'':>13} {lc['ttft_warm_s']:>8.3f}   (template head of {lc['template_head_tokens']} tokens "
           f"evaluated with the cartridge at inject: {lc['inject_warm_s'] * 1000:.1f} ms)")
     print(f"{'torch':<10} {tc['decode_tok_s']:>13.1f} {tc['ttft_s']:>8.3f}   ({tc['device']}, autocast {tc['autocast']}, {tc['threads']} threads)")

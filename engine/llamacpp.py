@@ -321,6 +321,48 @@ def decode_state(data: bytes, layout: KVLayout) -> ParsedState:
     return ParsedState(int(seq_id), cells[:, 0].copy(), kv.reshape(n, layout.width), bool(v_trans))
 
 
+# ----------------------------------------------------------------------------- threads
+
+
+class ThreadGovernor:
+    """Falls back to one thread while a multi-threaded llama.cpp context is starved of cores.
+
+    ggml's threads meet at a spinning barrier after every operation: when other processes hold the
+    cores (a training run, another job), a descheduled thread stalls the others and a call runs far
+    slower than its fair share (measured on 2 shared cores: 44 prompt tokens in 4.3 s instead of
+    0.14 s). One thread has no barrier. A call slower than `slow_factor` x the fastest seen for its
+    batch-size class at full threads switches the context to one thread for `hold_s` seconds; then the
+    full count is tried again.
+    """
+
+    def __init__(self, slow_factor: float = 6.0, min_slow_s: float = 0.2, hold_s: float = 15.0):
+        self.slow_factor, self.min_slow_s, self.hold_s = slow_factor, min_slow_s, hold_s
+        self.fastest: dict[int, float] = {}  # size class -> seconds per token at full threads
+        self.reduced_until = 0.0
+        self.fallbacks = 0
+
+    @staticmethod
+    def size_class(n_tokens: int) -> int:
+        return 0 if n_tokens == 1 else 1 if n_tokens < 32 else 2
+
+    def reduced(self, now: float) -> bool:
+        return now < self.reduced_until
+
+    def observe(self, n_tokens: int, seconds: float, now: float) -> bool:
+        """Record a full-thread call; True when it was starved and the context should drop to one thread."""
+        cls = self.size_class(n_tokens)
+        per_token = seconds / max(1, n_tokens)
+        best = self.fastest.get(cls)
+        if best is None or per_token < best:
+            self.fastest[cls] = per_token
+            return False
+        if seconds >= self.min_slow_s and per_token > self.slow_factor * best:
+            self.reduced_until = now + self.hold_s
+            self.fallbacks += 1
+            return True
+        return False
+
+
 # ----------------------------------------------------------------------------- engine
 
 
@@ -354,7 +396,7 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None, n_gpu_layers: int | None = None,
-                 check: bool = True):
+                 adaptive_threads: bool | None = None, check: bool = True):
         if model_path is None:
             from engine.paths import default_model_path
 
@@ -404,6 +446,10 @@ class LlamaCppEngine:
         self.n_batch = int(n_batch)
         self.n_threads = threads
         self.n_threads_batch = threads_batch
+        if adaptive_threads is None:
+            adaptive_threads = os.environ.get("CARTRIDGE_LLAMA_ADAPTIVE_THREADS", "1") != "0"
+        self.governor = ThreadGovernor() if adaptive_threads and n_gpu_layers == 0 else None
+        self._threads_reduced = False
         self.n_gpu_layers = int(n_gpu_layers)
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -470,6 +516,22 @@ class LlamaCppEngine:
         self.n_threads = max(1, int(n_threads))
         self.n_threads_batch = max(1, int(n_threads_batch or n_threads))
         self._L.llama_set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
+        self._threads_reduced = False
+
+    def _threads_for_call(self, n_tokens: int) -> bool:
+        """Apply the governor before a llama_decode; True when the call runs at the configured threads."""
+        if self.governor is None:
+            return False
+        now = time.perf_counter()
+        if self.governor.reduced(now):
+            if not self._threads_reduced:
+                self._L.llama_set_n_threads(self._ctx, 1, 1)
+                self._threads_reduced = True
+            return False
+        if self._threads_reduced:
+            self._L.llama_set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
+            self._threads_reduced = False
+        return (self.n_threads if n_tokens == 1 else self.n_threads_batch) > 1
 
     def eos_ids(self) -> set[int]:
         """The model's end-of-generation tokens (EOS, EOT)."""
@@ -637,9 +699,15 @@ class LlamaCppEngine:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1 if (want == "all" or (want == "last" and final and i == len(chunk) - 1)) else 0
             batch.n_tokens = len(chunk)
+            governed = self._threads_for_call(len(chunk))
+            t0 = time.perf_counter()
             rc = int(L.llama_decode(self._ctx, batch))
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed ({rc}): {_take_errors() or 'no detail'}")
+            if governed:
+                L.llama_synchronize(self._ctx)
+                t1 = time.perf_counter()
+                self.governor.observe(len(chunk), t1 - t0, t1)
             if want == "all":
                 ptr = L.llama_get_logits(self._ctx)
                 out_rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), n_vocab)).copy())

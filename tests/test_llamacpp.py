@@ -46,7 +46,7 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LlamaCppEngine(n_ctx=512)
+    eng = LlamaCppEngine(n_ctx=512, adaptive_threads=False)  # fixed threads: bit-exact comparisons
     yield eng
     eng.close()
 
@@ -195,6 +195,18 @@ def test_wrong_layouts_are_refused(lm, engine, texts, monkeypatch):
     monkeypatch.setattr(LlamaCppEngine, "_head_dim", lambda self: 32)
     with pytest.raises(LayoutUnsupported, match="bytes"):
         LlamaCppEngine(n_ctx=256)
+
+
+def test_thread_governor_falls_back_and_retries():
+    from engine.llamacpp import ThreadGovernor
+
+    gov = ThreadGovernor(slow_factor=6.0, min_slow_s=0.2, hold_s=15.0)
+    assert not gov.observe(44, 0.15, now=0.0)  # first call sets the reference
+    assert not gov.observe(44, 0.30, now=1.0)  # 2x slower: a busy machine, not a stall
+    assert not gov.observe(1, 0.01, now=1.5)  # other size class, own reference
+    assert gov.observe(44, 4.3, now=2.0) and gov.fallbacks == 1  # stalled spinning threads
+    assert gov.reduced(10.0) and not gov.reduced(17.5)
+    assert not gov.observe(3, 0.05, now=20.0)  # fast enough in absolute terms is never a stall
 
 
 def test_topk_logprobs():
