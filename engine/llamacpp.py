@@ -325,19 +325,26 @@ def decode_state(data: bytes, layout: KVLayout) -> ParsedState:
 
 
 class ThreadGovernor:
-    """Falls back to one thread while a multi-threaded llama.cpp context is starved of cores.
+    """Chooses, call by call, between the configured thread count and one thread.
 
-    ggml's threads meet at a spinning barrier after every operation: when other processes hold the
-    cores (a training run, another job), a descheduled thread stalls the others and a call runs far
-    slower than its fair share (measured on 2 shared cores: 44 prompt tokens in 4.3 s instead of
-    0.14 s). One thread has no barrier. A call slower than `slow_factor` x the fastest seen for its
-    batch-size class at full threads switches the context to one thread for `hold_s` seconds; then the
-    full count is tried again.
+    ggml's threads meet at a barrier after every operation and spin there (OpenMP's default wait
+    policy): when other processes hold the cores (a training run, another job), a descheduled thread
+    stalls the others and a call runs far slower than its fair share. Measured on 2 shared cores next
+    to two busy processes: 44 prompt tokens in 0.5-7 s with 2 threads, 0.27 s with 1 thread; 0.14 s with
+    2 threads on a quiet machine. One thread has no barrier.
+
+    Per batch-size class the governor keeps the fastest time per token seen with full threads and with
+    one thread (it runs one call of each class on one thread to learn it). A full-thread call slower
+    than `single_margin` x the one-thread best, or `slow_factor` x the full-thread best, counts as
+    stalled: one thread takes over for `hold_s` seconds, doubling up to `max_hold_s` while stalls repeat.
     """
 
-    def __init__(self, slow_factor: float = 6.0, min_slow_s: float = 0.2, hold_s: float = 15.0):
-        self.slow_factor, self.min_slow_s, self.hold_s = slow_factor, min_slow_s, hold_s
-        self.fastest: dict[int, float] = {}  # size class -> seconds per token at full threads
+    def __init__(self, slow_factor: float = 6.0, single_margin: float = 1.25, min_slow_s: float = 0.05,
+                 hold_s: float = 15.0, max_hold_s: float = 240.0):
+        self.slow_factor, self.single_margin, self.min_slow_s = slow_factor, single_margin, min_slow_s
+        self.base_hold_s, self.max_hold_s, self.hold_s = hold_s, max_hold_s, hold_s
+        self.fastest_full: dict[int, float] = {}  # size class -> seconds per token
+        self.fastest_single: dict[int, float] = {}
         self.reduced_until = 0.0
         self.fallbacks = 0
 
@@ -348,19 +355,31 @@ class ThreadGovernor:
     def reduced(self, now: float) -> bool:
         return now < self.reduced_until
 
-    def observe(self, n_tokens: int, seconds: float, now: float) -> bool:
-        """Record a full-thread call; True when it was starved and the context should drop to one thread."""
+    def choose(self, n_tokens: int, now: float) -> bool:
+        """True: run this call at the configured threads; False: on one thread."""
+        if self.reduced(now):
+            return False
+        cls = self.size_class(n_tokens)
+        return not (cls in self.fastest_full and cls not in self.fastest_single)
+
+    def observe(self, n_tokens: int, seconds: float, now: float, full: bool = True) -> bool:
+        """Record a call (`full`: at the configured threads); True when it stalled and one thread takes over."""
         cls = self.size_class(n_tokens)
         per_token = seconds / max(1, n_tokens)
-        best = self.fastest.get(cls)
-        if best is None or per_token < best:
-            self.fastest[cls] = per_token
+        table = self.fastest_full if full else self.fastest_single
+        table[cls] = min(per_token, table.get(cls, per_token))
+        if not full or seconds < self.min_slow_s:
             return False
-        if seconds >= self.min_slow_s and per_token > self.slow_factor * best:
-            self.reduced_until = now + self.hold_s
-            self.fallbacks += 1
-            return True
-        return False
+        single = self.fastest_single.get(cls)
+        stalled = per_token > self.slow_factor * self.fastest_full[cls] or (
+            single is not None and per_token > self.single_margin * single)
+        if not stalled:
+            self.hold_s = self.base_hold_s
+            return False
+        self.reduced_until = now + self.hold_s
+        self.hold_s = min(self.max_hold_s, self.hold_s * 2)
+        self.fallbacks += 1
+        return True
 
 
 # ----------------------------------------------------------------------------- engine
@@ -518,20 +537,17 @@ class LlamaCppEngine:
         self._L.llama_set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
         self._threads_reduced = False
 
-    def _threads_for_call(self, n_tokens: int) -> bool:
-        """Apply the governor before a llama_decode; True when the call runs at the configured threads."""
-        if self.governor is None:
-            return False
-        now = time.perf_counter()
-        if self.governor.reduced(now):
-            if not self._threads_reduced:
-                self._L.llama_set_n_threads(self._ctx, 1, 1)
-                self._threads_reduced = True
-            return False
-        if self._threads_reduced:
-            self._L.llama_set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
-            self._threads_reduced = False
-        return (self.n_threads if n_tokens == 1 else self.n_threads_batch) > 1
+    def _threads_for_call(self, n_tokens: int) -> bool | None:
+        """Apply the governor before a llama_decode: None when it does not apply to this call, else
+        whether the call runs at the configured (multi-)thread count."""
+        if self.governor is None or (self.n_threads if n_tokens == 1 else self.n_threads_batch) <= 1:
+            return None
+        full = self.governor.choose(n_tokens, time.perf_counter())
+        if full == self._threads_reduced:
+            threads = (self.n_threads, self.n_threads_batch) if full else (1, 1)
+            self._L.llama_set_n_threads(self._ctx, *threads)
+            self._threads_reduced = not full
+        return full
 
     def eos_ids(self) -> set[int]:
         """The model's end-of-generation tokens (EOS, EOT)."""
@@ -699,15 +715,15 @@ class LlamaCppEngine:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1 if (want == "all" or (want == "last" and final and i == len(chunk) - 1)) else 0
             batch.n_tokens = len(chunk)
-            governed = self._threads_for_call(len(chunk))
+            full = self._threads_for_call(len(chunk))
             t0 = time.perf_counter()
             rc = int(L.llama_decode(self._ctx, batch))
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed ({rc}): {_take_errors() or 'no detail'}")
-            if governed:
+            if full is not None:
                 L.llama_synchronize(self._ctx)
                 t1 = time.perf_counter()
-                self.governor.observe(len(chunk), t1 - t0, t1)
+                self.governor.observe(len(chunk), t1 - t0, t1, full=full)
             if want == "all":
                 ptr = L.llama_get_logits(self._ctx)
                 out_rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), n_vocab)).copy())

@@ -200,13 +200,20 @@ def test_wrong_layouts_are_refused(lm, engine, texts, monkeypatch):
 def test_thread_governor_falls_back_and_retries():
     from engine.llamacpp import ThreadGovernor
 
-    gov = ThreadGovernor(slow_factor=6.0, min_slow_s=0.2, hold_s=15.0)
-    assert not gov.observe(44, 0.15, now=0.0)  # first call sets the reference
-    assert not gov.observe(44, 0.30, now=1.0)  # 2x slower: a busy machine, not a stall
-    assert not gov.observe(1, 0.01, now=1.5)  # other size class, own reference
-    assert gov.observe(44, 4.3, now=2.0) and gov.fallbacks == 1  # stalled spinning threads
-    assert gov.reduced(10.0) and not gov.reduced(17.5)
-    assert not gov.observe(3, 0.05, now=20.0)  # fast enough in absolute terms is never a stall
+    gov = ThreadGovernor(slow_factor=6.0, single_margin=1.25, min_slow_s=0.05, hold_s=15.0, max_hold_s=60.0)
+    assert gov.choose(44, now=0.0)
+    assert not gov.observe(44, 0.15, now=0.0)  # first full-thread call sets the reference
+    assert not gov.choose(44, now=1.0)  # the next one runs on one thread, to learn its speed
+    assert not gov.observe(44, 0.27, now=1.0, full=False)
+    assert gov.choose(44, now=2.0) and gov.choose(1, now=2.0) and gov.choose(5, now=2.0)
+    assert not gov.observe(44, 0.30, now=2.0)  # busy machine, yet still faster than one thread
+    assert gov.observe(44, 4.3, now=3.0) and gov.fallbacks == 1  # stalled spinning threads
+    assert not gov.choose(44, now=10.0) and not gov.choose(1, now=10.0)
+    assert gov.choose(44, now=18.5)  # hold over: full threads again
+    assert gov.observe(44, 0.5, now=18.5)  # slower than one thread: starved again, held twice as long
+    assert gov.reduced(18.5 + 29.0) and not gov.reduced(18.5 + 31.0)
+    assert not gov.observe(44, 0.2, now=60.0) and gov.hold_s == 15.0  # a good call resets the hold
+    assert not gov.observe(3, 0.03, now=70.0)  # too short to judge
 
 
 def test_topk_logprobs():
