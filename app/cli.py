@@ -279,7 +279,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help="quick (CPU, minutes), standard or thorough (GPU)")
     p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
     p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations to synthesize")
-    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: one pass)")
+    p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: the preset's passes over the conversations)")
     p.add_argument("--batch-size", type=int, help="conversations per step")
     p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
 
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score gold answers with none / icl / cartridge")
     p.add_argument("corpus")
     p.add_argument("--qa", required=True, help="JSON Lines of {\"question\", \"answer\"}")
-    p.add_argument("--modes", default="none,icl,cartridge")
+    p.add_argument("--modes", default="none,icl,cartridge",
+                   help="comma-separated, from none, icl, init (the untrained cartridge) and cartridge")
     p.add_argument("--version", type=int)
     p.add_argument("--model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

@@ -13,7 +13,8 @@ from engine import library
 from engine.errors import UserError
 
 SAMPLE_QA = Path(__file__).resolve().parent.parent / "assets" / "sample_qa.jsonl"
-MODE_LABELS = {"none": "none (no corpus)", "icl": "icl (folder in context)", "cartridge": "cartridge"}
+MODE_LABELS = {"none": "none (no corpus)", "icl": "icl (folder in context)", "init": "untrained cartridge",
+               "cartridge": "cartridge"}
 TABLE_HEADERS = ["Mode", "Answer NLL (lower is better)", "KV memory", "Time to first token"]
 
 
@@ -31,6 +32,9 @@ def result_views(result: dict) -> tuple[pd.DataFrame, list[list], str]:
     if "cartridge" in modes and "icl" in modes and modes["cartridge"]["kv_bytes"]:
         ratio = modes["icl"]["kv_bytes"] / modes["cartridge"]["kv_bytes"]
         lines.append(f"The cartridge needs **{ratio:,.1f}×** less KV memory than the folder in context.")
+    if "init" in modes and "cartridge" in modes:
+        lines.append(f"Training moved the answer NLL from {modes['init']['nll']:.3f} (untrained) "
+                     f"to {modes['cartridge']['nll']:.3f}.")
     return frame, rows, "\n\n".join(lines)
 
 
@@ -49,14 +53,14 @@ def build(ctx) -> dict:
                 version = gr.Dropdown(allow_custom_value=True, label="Version", choices=[("current", "")], value="")
                 qa = gr.File(label="QA file (.jsonl)", file_types=[".jsonl", ".json", ".txt"], type="filepath",
                              elem_id="eval-qa")
-                modes = gr.CheckboxGroup([(MODE_LABELS[m], m) for m in ("none", "icl", "cartridge")],
+                modes = gr.CheckboxGroup([(label, m) for m, label in MODE_LABELS.items()],
                                          value=["none", "icl", "cartridge"], label="Modes")
             with gr.Row():
                 run = gr.Button("Run evaluation", variant="primary", elem_id="eval-btn")
                 sample = gr.Button("Use the sample questions", size="md")
         with gr.Column(scale=6):
             summary = gr.Markdown("*Results appear here.*", elem_id="eval-summary")
-            order = [MODE_LABELS[m] for m in ("none", "icl", "cartridge")]
+            order = list(MODE_LABELS.values())
             chart = gr.BarPlot(empty_frame(), x="mode", y="nll", title="Answer NLL by mode (lower is better)",
                                x_title="", y_title="answer NLL", height=260, sort=order, y_lim=[0, None],
                                elem_id="eval-chart")  # bars from 0, so differences are not exaggerated
@@ -80,7 +84,7 @@ def build(ctx) -> dict:
         def on_progress(mode, done, total):
             progress(done / total, desc=f"{mode}: question {done} / {total}")
 
-        order = [m for m in ("none", "icl", "cartridge") if m in chosen]
+        order = [m for m in MODE_LABELS if m in chosen]
         with open_db() as db:
             result = evaluate.evaluate(db, name, qa_path, modes=tuple(order), version=parse_version(version_value),
                                        on_progress=on_progress)

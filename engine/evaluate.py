@@ -2,7 +2,8 @@
 
 Per mode, the mean per-token negative log-likelihood of each gold answer scored as the assistant turn
 after its question in the chat template. `recovered = (none - cartridge) / (none - icl)` is the share
-of in-context learning's gain that the cartridge recovers.
+of in-context learning's gain that the cartridge recovers. The `init` mode scores the untrained cartridge
+(the KV of the corpus's first p tokens, as training starts from), to show what training added.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 
 from engine import registry
-from engine.cartridge import compose, kv_bytes, load_cartridge, to_cache
-from engine.corpus import assemble, version_documents
+from engine.cartridge import compose, init_ids, kv_bytes, load_cartridge, to_cache
+from engine.corpus import ChunkSampler, assemble, version_documents
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
-EVAL_MODES = ("none", "icl", "cartridge")
+EVAL_MODES = ("none", "icl", "init", "cartridge")
 
 
 def read_qa(path: str | Path) -> list[dict]:
@@ -151,7 +152,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     corpus = registry.get_corpus(db, corpus_name)
     row = registry.get_version(db, corpus, version)
     cartridge = None
-    if "cartridge" in modes:
+    if "cartridge" in modes or "init" in modes:
         if cartridge_folder is None:
             if row["status"] != "ready" or not row["cartridge"]:
                 raise UserError(f"{corpus_name!r} v{row['number']} has no trained cartridge yet: run `cartridge train`")
@@ -169,13 +170,18 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
 
         choose_engine(engine, model)  # refuses models other than the bundled GGUF
         llama = LlamaCppEngine(n_ctx=lm.max_positions)
-    if "cartridge" in modes:
+    if cartridge_folder is not None:
         cartridge = load_cartridge(Path(cartridge_folder), lm)
-    corpus_text = assemble(version_documents(db, row))
+    documents = version_documents(db, row)
+    corpus_text = assemble(documents)
+    prefixes = {"cartridge": compose([cartridge]) if cartridge is not None else None}
+    if "init" in modes:
+        sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
+        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, sampler.prefix(cartridge.p * 2)))
     results: dict[str, dict] = {}
     for mode in modes:
         system = context_system_prompt(corpus_text) if mode == "icl" else None
-        embeddings = compose([cartridge]) if mode == "cartridge" else None
+        embeddings = prefixes.get(mode)
         if system is not None:
             n_system = len(chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False))
             if n_system + 512 > lm.max_positions:

@@ -65,6 +65,11 @@ def test_init_matches_text_in_context():
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # The cache path used for chat gives the same result as the PEFT forward used in training.
     torch.testing.assert_close(_logits_with_cache(lm, cartridge_embeddings(peft_model), q), ref, atol=1e-4, rtol=1e-4)
+    # The eval's `init` mode rebuilds exactly this untrained cartridge from the same ids.
+    from engine.evaluate import prefix_embeddings
+
+    torch.testing.assert_close(prefix_embeddings(lm, init_ids(lm, p, TEXT * 3)), cartridge_embeddings(peft_model),
+                               atol=1e-5, rtol=1e-5)
     # And a different context gives clearly different logits (the comparison is not vacuous).
     other = _logits_in_context(lm, init_ids(lm, p, "Completely unrelated words about the weather. " * 5), q)
     assert (other - ref).abs().max() > 1e-2

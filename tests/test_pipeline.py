@@ -59,6 +59,12 @@ def test_train_chat_eval_and_refusals(trained, tmp_path, cartridge_home):
     assert result["modes"]["icl"]["nll"] < result["modes"]["none"]["nll"]  # the corpus in context helps
     assert result["modes"]["cartridge"]["kv_bytes"] < result["modes"]["icl"]["kv_bytes"] / 8
     assert result["recovered"] is not None
+    # The untrained cartridge (same size) scores differently from the trained one: training changed it.
+    proc = run_cli("eval", "sample", "--qa", str(qa), "--modes", "init,cartridge", "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    modes = json.loads(proc.stdout)["modes"]
+    assert list(modes) == ["init", "cartridge"] and modes["init"]["kv_bytes"] == modes["cartridge"]["kv_bytes"]
+    assert modes["init"]["per_question"] != modes["cartridge"]["per_question"]
 
     # A cartridge made for another model is refused with one line and exit 2.
     meta["fingerprint"] = "other-model.gguf@sha256:" + "0" * 64
