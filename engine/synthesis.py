@@ -1,7 +1,8 @@
 """Self-study: the model writes the training conversations for its own cartridge.
 
 For each corpus chunk: (1) given the chunk in its system prompt and a seed prompt, the model samples a
-message a user might send; (2) given the chunk and that message, it answers greedily, and the teacher's
+message a user might send (a seed with placeholders such as `{topic}` is instead the message itself,
+filled from the chunk: small models write poor questions but answer well-posed ones); (2) given the chunk and that message, it answers greedily, and the teacher's
 top-k log-probabilities at every answer position are kept for distillation. Both turns share the
 chunk's system-prompt KV (prefilled once per chunk), and several chunks run as one left-padded batch.
 
@@ -35,6 +36,64 @@ BAD_OPENINGS = ("i'm ready", "i am ready", "sure", "certainly", "of course", "ok
                 "thank you", "absolutely", "great", "hello", "please provide", "please share")
 QUOTED_TAIL = re.compile(r':\s*["\u201c](.+)["\u201d]\s*$', re.S)
 LABEL = re.compile(r"^\s*[*_]*\s*(?:user(?:'s)? (?:message|question)|user|question|message)\s*[*_]*\s*:\s*[*_]*\s*", re.I)
+
+
+PLACEHOLDER = re.compile(r"\{(topic|section|opening|question)\}")
+# Names and figures: capitalised words or numbers, possibly joined by small words ("Room 4", "Odile Brannagh").
+NAME = re.compile(r"\b(?:[A-Z][\w'’-]*|\d[\w£%:.,-]*)(?:[ \t]+(?:of|the|and|for|on|in|at|de)?[ \t]*(?:[A-Z][\w'’-]*|\d[\w£%:.,-]*))+")
+SENTENCE_WORDS = ("The", "A", "An", "This", "That", "It", "If", "Each", "Every", "All", "Any", "Some", "No")
+MIN_ANSWER_TOKENS = 8  # an answer cut short by a loop is dropped below this
+
+
+def chunk_features(text: str) -> dict[str, list[str]]:
+    """What a seed placeholder can be filled with, from a chunk's text: `section` (headings),
+    `question` (headings that are questions), `topic` (names, figures and headings) and `opening`
+    (the first words of a full sentence)."""
+    lines = [line for line in text.splitlines() if not line.startswith("### File:")]
+    headings = [re.sub(r"^#+", "", line).strip(" *#") for line in lines if re.match(r"#{1,6}\s", line)]
+    headings = [h for h in headings if len(h) > 2]
+    body = "\n".join(line for line in lines if not line.startswith("#"))
+    names = []
+    for match in NAME.finditer(body):
+        words = match.group(0).rstrip(".,:;").split()
+        if words[0] in SENTENCE_WORDS:  # "The Wood Shop" -> "Wood Shop"
+            words = words[1:]
+        name = " ".join(words)
+        if len(name) > 4 and not re.fullmatch(r"[\d\s.,:]+", name):
+            names.append(name)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", body) if len(s.split()) >= 10]
+    return {"section": [h for h in headings if not h.endswith("?")],
+            "question": [h for h in headings if h.endswith("?")],
+            "topic": list(dict.fromkeys(names)) + [h for h in headings if not h.endswith("?")],
+            "opening": [" ".join(s.lstrip("-*0123456789. ").split()[:8]) for s in sentences]}
+
+
+def is_direct(seed: str) -> bool:
+    """A seed with placeholders is a user message template, not a prompt for the model."""
+    return PLACEHOLDER.search(seed) is not None
+
+
+def fill_seed(seed: str, chunk, rng: random.Random) -> str | None:
+    """The seed with each placeholder replaced by a random fitting piece of the chunk; None if it has none."""
+    features = chunk_features(chunk.text)
+    values = {}
+    for name in set(PLACEHOLDER.findall(seed)):
+        if not features[name]:
+            return None
+        values[name] = rng.choice(features[name])
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], seed)
+
+
+def loop_start(ids: list[int], n: int = 6, times: int = 3) -> int | None:
+    """Where an answer starts saying the same n tokens for the `times`-th time (greedy decoding of a small
+    model falls into loops); None when it does not loop. The answer is cut there."""
+    seen: dict[tuple, int] = {}
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return i
+    return None
 
 
 def load_seed_prompts(assets_dir: Path) -> dict[str, list[str]]:
@@ -117,7 +176,7 @@ class _Decoded:
     topk_logprobs: np.ndarray | None = None
 
 
-def _stop_ids(tokenizer) -> set[int]:
+def stop_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(token)
@@ -258,7 +317,7 @@ def _suffix(lm: LoadedModel, job: _Job, user_content: str) -> list[int] | None:
     return full[len(job.prefix):]
 
 
-def _draw_seed(seeds: dict[str, list[str]], rng: random.Random, avoid: str = "") -> tuple[str, str]:
+def draw_seed(seeds: dict[str, list[str]], rng: random.Random, avoid: str = "") -> tuple[str, str]:
     seed_type = rng.choice(sorted(seeds))
     options = [s for s in seeds[seed_type] if s != avoid] or seeds[seed_type]
     return seed_type, rng.choice(options)
@@ -270,7 +329,7 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop = _stop_ids(tok)
+    stop = stop_ids(tok)
     produced = 0
     chunk_iter = iter(chunks)
     exhausted = False
@@ -293,17 +352,23 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
         for attempt in range(2):
             if not pending:
                 break
-            suffixes = []
+            suffixes, asking, still = [], [], []
             for i in pending:
-                jobs[i].seed_type, jobs[i].seed = _draw_seed(seeds, rng, avoid=jobs[i].seed)
+                jobs[i].seed_type, jobs[i].seed = draw_seed(seeds, rng, avoid=jobs[i].seed)
+                if is_direct(jobs[i].seed):
+                    jobs[i].user = fill_seed(jobs[i].seed, jobs[i].chunk, rng) or ""
+                    if not jobs[i].user:
+                        still.append(i)
+                    continue
+                asking.append(i)
                 suffixes.append(_suffix(lm, jobs[i], jobs[i].seed) or [])
             if any(not s for s in suffixes):
                 raise UserError("this model's chat template does not render the system turn as a prefix of the "
                                 "conversation, which self-study relies on; use another model")
-            decoded = _decode(lm, _fork(cache, pending), prefix_mask[pending], suffixes, max_user_tokens,
-                              temperature=temperature, k=0, stop=stop, pad_id=pad_id, generator=generator)
-            still = []
-            for i, d in zip(pending, decoded):
+            decoded = _decode(lm, _fork(cache, asking), prefix_mask[asking], suffixes, max_user_tokens,
+                              temperature=temperature, k=0, stop=stop, pad_id=pad_id,
+                              generator=generator) if asking else []
+            for i, d in zip(asking, decoded):
                 ids = [t for t in d.ids if t not in stop]
                 message, finished = clean_user_message(tok.decode(ids, skip_special_tokens=True)), d.finished
                 if not finished and (cut := salvage_truncated(message)) is not None:
@@ -325,13 +390,17 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
                           temperature=0.0, k=k, stop=stop, pad_id=pad_id, generator=generator)
         del cache
         for i, d in zip(good, decoded):
-            content = [t for t in d.ids if t not in stop]
-            if not content or produced >= n:
+            answer, topk_ids, topk_lp = d.ids, d.topk_ids, d.topk_logprobs
+            if (cut := loop_start(answer)) is not None:
+                if cut < MIN_ANSWER_TOKENS:
+                    continue
+                answer, topk_ids, topk_lp = answer[:cut], topk_ids[:cut], topk_lp[:cut]
+            if not [t for t in answer if t not in stop] or produced >= n:
                 continue
             chunk = jobs[i].chunk
             files = list(getattr(chunk, "files", []) or [])
             hashes = list(getattr(chunk, "file_hashes", []) or [""] * len(files))
-            yield Conversation(user=jobs[i].user, answer_ids=d.ids, topk_ids=d.topk_ids, topk_logprobs=d.topk_logprobs,
+            yield Conversation(user=jobs[i].user, answer_ids=answer, topk_ids=topk_ids, topk_logprobs=topk_lp,
                                files=files, file_hashes=hashes, seed_type=jobs[i].seed_type)
             produced += 1
             if on_progress is not None:

@@ -24,12 +24,16 @@ from engine.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
 from engine.models import chat_ids
 from engine.synthesis import (
     BACKENDS,
-    _draw_seed,
-    _stop_ids,
+    MIN_ANSWER_TOKENS,
     chunk_system_prompt,
     clean_user_message,
+    draw_seed,
+    fill_seed,
     is_bad_user_message,
+    is_direct,
+    loop_start,
     salvage_truncated,
+    stop_ids,
 )
 
 CONTEXT_MARGIN = 320  # template, seed prompt and headers on top of the chunk and the two turns
@@ -54,7 +58,12 @@ def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dic
     system = {"role": "system", "content": chunk_system_prompt(chunk)}
     user, seed_type, seed_text = "", "", ""
     for _attempt in range(2):
-        seed_type, seed_text = _draw_seed(seeds, rng, avoid=seed_text)
+        seed_type, seed_text = draw_seed(seeds, rng, avoid=seed_text)
+        if is_direct(seed_text):
+            user = fill_seed(seed_text, chunk, rng) or ""
+            if user:
+                break
+            continue
         prompt = chat_ids(tokenizer, [system, {"role": "user", "content": seed_text}], add_generation_prompt=True)
         turn = engine.generate_stats(prompt, max_user_tokens, temperature, stop, rng=sampler)
         message, finished = clean_user_message(tokenizer.decode(turn.tokens, skip_special_tokens=True)), turn.stopped
@@ -77,12 +86,18 @@ def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dic
         chosen.append(int(np.argmax(logits)))  # the greedy choice, stop token included
 
     prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
-    answer = engine.generate_stats(prompt, max_answer_tokens, 0.0, stop, on_logits=keep_topk)
-    if not answer.tokens:
-        return None
+    so_far: list[int] = []
+    answer = engine.generate_stats(prompt, max_answer_tokens, 0.0, stop, on_token=so_far.append, on_logits=keep_topk,
+                                   should_stop=lambda: loop_start(so_far) is not None)
     answer_ids = list(answer.tokens)
-    if answer.stopped:  # the stop token closes the answer; its row was recorded by keep_topk
+    if (cut := loop_start(answer_ids)) is not None:
+        if cut < MIN_ANSWER_TOKENS:
+            return None
+        answer_ids = answer_ids[:cut]
+    elif answer.stopped:  # the stop token closes the answer; its row was recorded by keep_topk
         answer_ids.append(chosen[len(answer_ids)])
+    if not answer_ids:
+        return None
     n = len(answer_ids)
     assert chosen[:n] == answer_ids
     files = list(getattr(chunk, "files", []) or [])
@@ -115,7 +130,7 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
     engine.clear()
     rng = random.Random(seed)
     sampler = np.random.default_rng(seed)
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     produced = 0
     for chunk in chunks:
         if produced >= n:

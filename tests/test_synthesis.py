@@ -16,10 +16,14 @@ from engine.synthesis import (
     _decode,
     _fork,
     _prefill,
+    chunk_features,
     chunk_system_prompt,
     clean_user_message,
+    fill_seed,
     is_bad_user_message,
+    is_direct,
     load_seed_prompts,
+    loop_start,
     salvage_truncated,
     synthesize,
 )
@@ -166,6 +170,44 @@ def test_synthesize_tiny_model(monkeypatch):
         np.testing.assert_allclose(conv.topk_logprobs.astype(np.float32), ref.values.numpy(), atol=1e-2)
     again = list(synthesize(lm, CHUNKS, 3, seeds=SEEDS, k=6, max_user_tokens=5, max_answer_tokens=7, batch_size=2, seed=3))
     assert [c.user for c in again] == [c.user for c in convs]  # seeded
+
+
+def test_chunk_features_and_message_templates():
+    import random
+
+    text = ("### File: faq.md\n## How do I join?\nCome to the front desk and pay the £15 deposit.\n\n## Opening hours\n"
+            "The Wood Shop in Room 1 is run by Odile Brannagh. The building opens at 9:00 AM on Saturdays and at 11:00 AM "
+            "on Sundays.\n")
+    features = chunk_features(text)
+    assert features["question"] == ["How do I join?"] and features["section"] == ["Opening hours"]
+    assert {"Wood Shop in Room 1", "Odile Brannagh"} <= set(features["topic"]) and "Opening hours" in features["topic"]
+    assert not any(t.startswith("The ") for t in features["topic"])  # sentence starts are not names
+    assert features["opening"] == ["Come to the front desk and pay the", "The Wood Shop in Room 1 is run",
+                                   "The building opens at 9:00 AM on Saturdays"]  # 8 words of each full sentence
+    chunk = FakeChunk(text, ["faq.md"], ["a" * 64])
+    rng = random.Random(0)
+    assert not is_direct("Write one question about the text above.") and is_direct("Tell me about {topic}.")
+    assert fill_seed("{question}", chunk, rng) == "How do I join?"
+    assert fill_seed("Summarise \"{section}\".", chunk, rng) == 'Summarise "Opening hours".'
+    assert fill_seed("What comes after \"{opening}\"?", chunk, rng).rstrip('"?').split('"')[1] in text
+    assert fill_seed("{question}", FakeChunk("no headings here at all", [], []), rng) is None
+
+
+def test_loop_start():
+    assert loop_start([1, 2, 3, 4, 5, 6, 7, 8, 9]) is None
+    looping = [9, 8] + [1, 2, 3] * 6
+    cut = loop_start(looping, n=3, times=3)
+    assert cut == 8 and looping[:cut] == [9, 8, 1, 2, 3, 1, 2, 3]  # two rounds of the loop are kept
+
+
+def test_message_templates_skip_the_user_turn():
+    """A template seed is the user message itself; one the chunk cannot fill is redrawn, then skipped."""
+    lm = shared_tiny_lm()
+    seeds = {"question": ["What does the text say about {topic}?"]}
+    convs = list(synthesize(lm, CHUNKS, 3, seeds=seeds, k=4, max_answer_tokens=5, batch_size=3))
+    # Only the hours chunk names something (a figure joined to a capitalised word); the others are skipped.
+    assert [c.files for c in convs] == [["hours.md"]]
+    assert convs[0].user == "What does the text say about 9:00 on Saturdays?" and convs[0].seed_type == "question"
 
 
 def test_unknown_backend_is_a_user_error():
