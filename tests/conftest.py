@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,23 @@ def run_cli(*args: str, env_home: Path, timeout: int = 600) -> subprocess.Comple
     env = {**os.environ, "CARTRIDGE_HOME": str(env_home), "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@contextmanager
+def served_app(first_port: int):
+    """The desktop app served in this process on 127.0.0.1; yields (demo, url). Stops every job it left."""
+    from app.ui import build_app, free_port
+
+    demo = build_app()
+    port = free_port(first_port)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        if demo.watch_service is not None:
+            demo.watch_service.stop()
+        queue = demo.training_queue
+        for job in queue.jobs():  # leave no job running into the next test
+            if queue.cancel(job.id):
+                queue.wait(job.id, timeout=120)

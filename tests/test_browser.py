@@ -7,12 +7,11 @@ chromedriver is missing.
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import ASSETS
+from conftest import ASSETS, served_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -52,25 +51,6 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
-
-
-@contextmanager
-def served_app():
-    from app.ui import build_app, free_port
-
-    demo = build_app()
-    port = free_port(7980)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-        if demo.watch_service is not None:
-            demo.watch_service.stop()
-        queue = demo.training_queue
-        for job in queue.jobs():  # leave no job running past the test
-            if queue.cancel(job.id):
-                queue.wait(job.id, timeout=120)
 
 
 # -- page helpers ----------------------------------------------------------------------------------
@@ -169,7 +149,7 @@ def shot(driver, name) -> Path:
 
 def test_click_through_every_tab(browser, tmp_path):
     driver = browser
-    with served_app() as (demo, url):
+    with served_app(7980) as (demo, url):
         driver.get(url)
         wait_text(driver, "Cartridge Desktop")
         wait_text(driver, "Your corpora")
@@ -200,7 +180,7 @@ def test_click_through_every_tab(browser, tmp_path):
         text = wait_text(driver, "Start training")
         assert "Preset" in text and "Advanced settings" in text and "Distillation loss" in text
         click_text(driver, "button, span", "Advanced settings")
-        for elem_label, value in (("p (virtual tokens)", "8"), ("Conversations", "4"), ("Steps (0 = one pass)", "2"),
+        for elem_label, value in (("p (virtual tokens)", "8"), ("Conversations", "4"), ("Steps (0 = preset passes)", "2"),
                                   ("Batch size", "2"), ("Chunk tokens", "96")):
             xpath = f"//label[.//span[normalize-space()='{elem_label}']]//input"
             wait_for(lambda: [f for f in driver.find_elements("xpath", xpath) if f.is_displayed()])

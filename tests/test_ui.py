@@ -15,28 +15,15 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from conftest import ASSETS, ROOT, write
+from conftest import ASSETS, ROOT, served_app, write
 
 TINY = {"p": 8, "conversations": 4, "steps": 2, "batch_size": 2, "chunk_tokens": 96}
 
 
 @contextmanager
 def running_app():
-    from app.ui import build_app, free_port
-
-    demo = build_app()
-    port = free_port(7900)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        yield demo, Client(f"http://127.0.0.1:{port}", verbose=False)
-    finally:
-        demo.close()
-        if demo.watch_service is not None:
-            demo.watch_service.stop()
-        queue = demo.training_queue
-        for job in queue.jobs():  # leave no job running into the next test
-            if queue.cancel(job.id):
-                queue.wait(job.id, timeout=120)
+    with served_app(7900) as (demo, url):
+        yield demo, Client(url.rstrip("/"), verbose=False)
 
 
 def train_args(corpus, *, preset="quick", model="", resume=False, **settings):
