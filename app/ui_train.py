@@ -29,7 +29,8 @@ def preset_note(preset: str) -> str:
     cfg = PRESETS.get(preset)
     if cfg is None:
         return ""
-    steps = f"{cfg.steps} steps" if cfg.steps else "one pass over the conversations"
+    passes = "one pass" if cfg.epochs == 1 else f"{cfg.epochs:g} passes"
+    steps = f"{cfg.steps} steps" if cfg.steps else f"{passes} over the conversations"
     return (f"**{preset}**: a cartridge of **p = {cfg.p}** virtual tokens, trained on **{cfg.conversations:,}** "
             f"self-study conversations over chunks of {cfg.chunk_tokens} tokens, batch {cfg.batch_size}, {steps}, "
             f"learning rate {cfg.lr:g}. *Advanced settings* start from these values.")
@@ -159,7 +160,7 @@ def build(ctx) -> dict:
                 with gr.Row():
                     p = gr.Number(quick.p, label="p (virtual tokens)", precision=0, minimum=2)
                     conversations = gr.Number(quick.conversations, label="Conversations", precision=0, minimum=1)
-                    steps = gr.Number(quick.steps or 0, label="Steps (0 = one pass)", precision=0, minimum=0)
+                    steps = gr.Number(quick.steps or 0, label="Steps (0 = preset passes)", precision=0, minimum=0)
                 with gr.Row():
                     batch_size = gr.Number(quick.batch_size, label="Batch size", precision=0, minimum=1)
                     chunk_tokens = gr.Number(quick.chunk_tokens, label="Chunk tokens", precision=0, minimum=16)
@@ -196,7 +197,7 @@ def build(ctx) -> dict:
                      "lr": lr_}
         overrides = {k: (float(v) if k == "lr" else int(v)) for k, v in overrides.items() if v not in (None, "")}
         if overrides.get("steps") == 0:
-            overrides.pop("steps")  # one pass over the conversations
+            overrides.pop("steps")  # the preset's number of passes over the conversations
         if "lr" in overrides and overrides["lr"] <= 0:
             raise UserError("the learning rate must be above 0 (the paper uses 2e-2)")
         make_config(preset_name, **overrides)  # bad settings fail here, before a job exists

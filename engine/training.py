@@ -59,12 +59,12 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
-# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15 minutes
-# (llama.cpp synthesis ~6 min for 96 conversations; 48 steps of ~3 s; the torch synthesis backend is
-# ~3-5 conversations/min there, so it needs fewer conversations to stay in budget).
+# quick: the default model on a 2-core CPU, a ~5k-token folder end to end well within 15 minutes
+# (llama.cpp synthesis with message templates ~13-16 conversations/min; 72 steps of ~3 s). Three
+# epochs over fewer conversations beat two: on that CPU, synthesis costs more than training steps.
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 PRESETS: dict[str, TrainConfig] = {
-    "quick": TrainConfig(p=128, conversations=96, steps=None, epochs=2.0, batch_size=4, chunk_tokens=512,
+    "quick": TrainConfig(p=256, conversations=96, steps=None, epochs=3.0, batch_size=4, chunk_tokens=512,
                          checkpoint_every=10, max_answer_tokens=128, max_user_tokens=64),
     "standard": TrainConfig(p=512, conversations=4096, steps=None, batch_size=16, chunk_tokens=1024,
                             checkpoint_every=50, max_answer_tokens=256, max_user_tokens=96),
