@@ -170,7 +170,7 @@ def test_click_through_every_tab(browser, tmp_path):
         wait_value(driver, "#exclude-patterns", "history.md")
         css(driver, "#scan-btn").click()
         summary = wait_text(driver, "files included", selector="#manifest-summary")
-        assert "4 files included" in summary and "1 skipped" in summary and "tokens in the corpus" in summary
+        assert "5 files included" in summary and "1 skipped" in summary and "tokens in the corpus" in summary
         table = wait_text(driver, "not trained yet", selector="#library-table")
         assert "sample" in table and "handbook.md" in wait_text(driver, "handbook.md")
         shot(driver, "1-library")
