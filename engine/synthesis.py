@@ -50,8 +50,9 @@ def chunk_features(text: str) -> dict[str, list[str]]:
     `question` (headings that are questions), `topic` (names, figures and headings) and `opening`
     (the first words of a full sentence)."""
     lines = [line for line in text.splitlines() if not line.startswith("### File:")]
-    headings = [re.sub(r"^#+", "", line).strip(" *#") for line in lines if re.match(r"#{1,6}\s", line)]
-    headings = [h for h in headings if len(h) > 2]
+    headings = [re.sub(r"^#+", "", line).strip(" *#-=_") for line in lines if re.match(r"#{1,6}\s", line)]
+    # Markdown headings (in code, "# ----- section" comments too): worded, and short enough to be a title.
+    headings = [h for h in headings if 2 < len(h) <= 80 and re.search(r"[^\W\d_]{3,}", h)]
     body = "\n".join(line for line in lines if not line.startswith("#"))
     names = []
     for match in NAME.finditer(body):

@@ -175,7 +175,7 @@ def test_synthesize_tiny_model(monkeypatch):
 def test_chunk_features_and_message_templates():
     import random
 
-    text = ("### File: faq.md\n## How do I join?\nCome to the front desk and pay the £15 deposit.\n\n## Opening hours\n"
+    text = ("### File: faq.md\n# ------------------------------\n## How do I join?\nCome to the front desk and pay the £15 deposit.\n\n## Opening hours\n"
             "The Wood Shop in Room 1 is run by Odile Brannagh. The building opens at 9:00 AM on Saturdays and at 11:00 AM "
             "on Sundays.\n")
     features = chunk_features(text)
