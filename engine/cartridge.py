@@ -67,6 +67,12 @@ def init_ids(lm: LoadedModel, p: int, init_text: str) -> list[int]:
     return ids[:p]
 
 
+def corpus_init_text(sampler, p: int) -> str:
+    """The corpus text a cartridge of p tokens starts from: the corpus's beginning, twice p tokens long
+    so that after the chat template's own tokens `init_ids` still has p to keep."""
+    return sampler.prefix(p * 2)
+
+
 def peft_config_for(p: int, num_frozen_tokens: int = 1):
     from peft import CartridgeConfig
 

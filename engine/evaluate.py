@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine import registry
-from engine.cartridge import compose, init_ids, kv_bytes, load_cartridge, to_cache
+from engine.cartridge import compose, corpus_init_text, init_ids, kv_bytes, load_cartridge, to_cache
 from engine.corpus import ChunkSampler, assemble, version_documents
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
@@ -177,7 +177,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     prefixes = {"cartridge": compose([cartridge]) if cartridge is not None else None}
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
-        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, sampler.prefix(cartridge.p * 2)))
+        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p)))
     results: dict[str, dict] = {}
     for mode in modes:
         system = context_system_prompt(corpus_text) if mode == "icl" else None

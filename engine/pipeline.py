@@ -223,7 +223,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
           on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
           **overrides) -> TrainOutcome:
     """Train (or resume) the cartridge of a corpus version and make that version current."""
-    from engine.cartridge import cartridge_embeddings, create_cartridge_model, peft_config_for, save_cartridge
+    from engine.cartridge import (cartridge_embeddings, corpus_init_text, create_cartridge_model, peft_config_for,
+                                  save_cartridge)
     from engine.models import load_model
     from engine.training import distill
 
@@ -282,13 +283,13 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             every = read_conversations(folder)
             kept = resumed_increment["reused"]
             conversations = every[kept:] + _replay(every[:kept], resumed_increment["new"], cfg)
-            init_text = sampler.prefix(cfg.p * 2)
+            init_text = corpus_init_text(sampler, cfg.p)
             config_doc["incremental"] = resumed_increment
         elif increment is None:
             synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, on_progress=on_synth,
                                should_stop=should_stop)
             conversations = read_conversations(folder)[: cfg.conversations]
-            init_text = sampler.prefix(cfg.p * 2)
+            init_text = corpus_init_text(sampler, cfg.p)
         else:
             if count_conversations(folder) == 0:
                 _write_in_shards(folder, increment.reused)
