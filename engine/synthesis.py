@@ -2,8 +2,9 @@
 
 For each corpus chunk: (1) given the chunk in its system prompt and a seed prompt, the model samples a
 message a user might send (a seed with placeholders such as `{topic}` is instead the message itself,
-filled from the chunk: small models write poor questions but answer well-posed ones); (2) given the chunk and that message, it answers greedily, and the teacher's
-top-k log-probabilities at every answer position are kept for distillation. Both turns share the
+filled from the chunk: small models write poor questions but answer well-posed ones); (2) given the
+chunk and that message, it answers greedily, and the teacher's top-k log-probabilities at every answer
+position are kept for distillation. Both turns share the
 chunk's system-prompt KV (prefilled once per chunk), and several chunks run as one left-padded batch.
 
 Backends share one signature; `BACKENDS` maps a name to an implementation ("torch" lives here, others
@@ -30,7 +31,7 @@ from engine.models import LoadedModel, chat_ids, context_system_prompt
 
 log = logging.getLogger(__name__)
 
-SEED_TYPES = ("structuring", "summarization", "question", "use_case", "creative")
+SEED_TYPES = ("structuring", "summarization", "question", "use_case", "creative", "recall")
 BAD_OPENINGS = ("i'm ready", "i am ready", "sure", "certainly", "of course", "okay", "ok,", "here is", "here's",
                 "as an ai", "i'd be happy", "i would be happy", "i'm glad", "i'm here to", "i am here to",
                 "thank you", "absolutely", "great", "hello", "please provide", "please share")
@@ -63,9 +64,10 @@ def chunk_features(text: str) -> dict[str, list[str]]:
         if len(name) > 4 and not re.fullmatch(r"[\d\s.,:]+", name):
             names.append(name)
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", body) if len(s.split()) >= 10]
-    return {"section": [h for h in headings if not h.endswith("?")],
+    sections = [h for h in headings if not h.endswith("?")]
+    return {"section": sections,
             "question": [h for h in headings if h.endswith("?")],
-            "topic": list(dict.fromkeys(names)) + [h for h in headings if not h.endswith("?")],
+            "topic": list(dict.fromkeys(names)) + sections,
             "opening": [" ".join(s.lstrip("-*0123456789. ").split()[:8]) for s in sentences]}
 
 
@@ -95,6 +97,21 @@ def loop_start(ids: list[int], n: int = 6, times: int = 3) -> int | None:
         if seen[gram] >= times:
             return i
     return None
+
+
+def kept_answer_length(ids: list[int]) -> int | None:
+    """How many answer tokens to keep: all of them, or those before a loop; None (drop the answer) when
+    fewer than MIN_ANSWER_TOKENS come before the loop."""
+    cut = loop_start(ids)
+    if cut is None:
+        return len(ids)
+    return cut if cut >= MIN_ANSWER_TOKENS else None
+
+
+def chunk_sources(chunk) -> tuple[list[str], list[str]]:
+    """(files, their content hashes) a chunk was drawn from, recorded with each conversation."""
+    files = list(getattr(chunk, "files", []) or [])
+    return files, list(getattr(chunk, "file_hashes", []) or [""] * len(files))
 
 
 def load_seed_prompts(assets_dir: Path) -> dict[str, list[str]]:
@@ -391,16 +408,13 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
                           temperature=0.0, k=k, stop=stop, pad_id=pad_id, generator=generator)
         del cache
         for i, d in zip(good, decoded):
-            answer, topk_ids, topk_lp = d.ids, d.topk_ids, d.topk_logprobs
-            if (cut := loop_start(answer)) is not None:
-                if cut < MIN_ANSWER_TOKENS:
-                    continue
-                answer, topk_ids, topk_lp = answer[:cut], topk_ids[:cut], topk_lp[:cut]
+            keep = kept_answer_length(d.ids)
+            if keep is None:
+                continue
+            answer, topk_ids, topk_lp = d.ids[:keep], d.topk_ids[:keep], d.topk_logprobs[:keep]
             if not [t for t in answer if t not in stop] or produced >= n:
                 continue
-            chunk = jobs[i].chunk
-            files = list(getattr(chunk, "files", []) or [])
-            hashes = list(getattr(chunk, "file_hashes", []) or [""] * len(files))
+            files, hashes = chunk_sources(jobs[i].chunk)
             yield Conversation(user=jobs[i].user, answer_ids=answer, topk_ids=topk_ids, topk_logprobs=topk_lp,
                                files=files, file_hashes=hashes, seed_type=jobs[i].seed_type)
             produced += 1

@@ -24,13 +24,14 @@ from engine.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
 from engine.models import chat_ids
 from engine.synthesis import (
     BACKENDS,
-    MIN_ANSWER_TOKENS,
+    chunk_sources,
     chunk_system_prompt,
     clean_user_message,
     draw_seed,
     fill_seed,
     is_bad_user_message,
     is_direct,
+    kept_answer_length,
     loop_start,
     salvage_truncated,
     stop_ids,
@@ -90,18 +91,18 @@ def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dic
     answer = engine.generate_stats(prompt, max_answer_tokens, 0.0, stop, on_token=so_far.append, on_logits=keep_topk,
                                    should_stop=lambda: loop_start(so_far) is not None)
     answer_ids = list(answer.tokens)
-    if (cut := loop_start(answer_ids)) is not None:
-        if cut < MIN_ANSWER_TOKENS:
-            return None
-        answer_ids = answer_ids[:cut]
+    keep = kept_answer_length(answer_ids)
+    if keep is None:
+        return None
+    if keep < len(answer_ids):
+        answer_ids = answer_ids[:keep]  # cut where it started looping
     elif answer.stopped:  # the stop token closes the answer; its row was recorded by keep_topk
         answer_ids.append(chosen[len(answer_ids)])
     if not answer_ids:
         return None
     n = len(answer_ids)
     assert chosen[:n] == answer_ids
-    files = list(getattr(chunk, "files", []) or [])
-    hashes = list(getattr(chunk, "file_hashes", []) or [""] * len(files))
+    files, hashes = chunk_sources(chunk)
     return Conversation(user=user, answer_ids=np.asarray(answer_ids, np.int32),
                         topk_ids=np.stack(rows_ids[:n]).astype(np.int32),
                         topk_logprobs=np.stack(rows_lp[:n]).astype(np.float16),
