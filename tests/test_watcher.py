@@ -84,6 +84,14 @@ def watched_corpus(root: Path, db, **ingest_kwargs) -> dict:
     return corpus
 
 
+def watching_vault(tmp_path: Path, db):
+    """A three-note folder ingested as "vault" and watched, with a stand-in queue: (root, corpus, queue, service)."""
+    root = make_folder(tmp_path / "vault")
+    corpus = watched_corpus(root, db)
+    queue = StandInQueue()
+    return root, corpus, queue, started(queue, db, corpus)
+
+
 def started(queue, db, corpus, **train_kwargs) -> object:
     """A service watching the corpus, past its start rescan (whose retrain of v1 is marked done)."""
     service = start_watchers(queue, quiet_seconds=QUIET, **(train_kwargs or {"p": 8}))
@@ -131,10 +139,7 @@ def test_watch_switch_is_remembered_across_restarts(tmp_path, db):
 # -- changes ----------------------------------------------------------------------------------------
 
 def test_rapid_edits_and_a_delete_give_one_version_and_one_retrain(tmp_path, db):
-    root = make_folder(tmp_path / "vault")
-    corpus = watched_corpus(root, db)
-    queue = StandInQueue()
-    service = started(queue, db, corpus)
+    root, corpus, queue, service = watching_vault(tmp_path, db)
     try:
         assert [j.kwargs for j in queue.submitted] == [{"p": 8}]  # v1 was untrained: trained at start
         for i in range(20):
@@ -191,10 +196,7 @@ def test_file_still_growing_waits(tmp_path, db, monkeypatch):
     once its size stops changing."""
     from engine import watcher
 
-    root = make_folder(tmp_path / "vault")
-    corpus = watched_corpus(root, db)
-    queue = StandInQueue()
-    service = started(queue, db, corpus)
+    root, corpus, queue, service = watching_vault(tmp_path, db)
     note = watcher.CorpusWatch.note
     reported = []
 
@@ -221,10 +223,7 @@ def test_file_still_growing_waits(tmp_path, db, monkeypatch):
 
 
 def test_changes_during_a_retrain_wait_and_coalesce(tmp_path, db):
-    root = make_folder(tmp_path / "vault")
-    corpus = watched_corpus(root, db)
-    queue = StandInQueue()
-    service = started(queue, db, corpus)
+    root, corpus, queue, service = watching_vault(tmp_path, db)
     try:
         queue.current = StandInJob("vault", {})  # the corpus is training
         queue.current.state = "running"
