@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
+# `cartridge train` flags for a cartridge trained in seconds (real model, real self-study).
+TINY_TRAIN = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2"]
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,8 @@ import time
 
 import pytest
 
-from conftest import ASSETS, ROOT, run_cli, write
+from conftest import ASSETS, ROOT, TINY_TRAIN, run_cli, write
 from engine import registry
-
-TINY = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2"]
 
 
 @pytest.fixture
@@ -20,7 +18,7 @@ def trained(tmp_path, cartridge_home):
     """The sample corpus ingested and trained with tiny settings (shared shape for several checks)."""
     proc = run_cli("ingest", str(ASSETS / "sample"), "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("train", "sample", *TINY, "--json", env_home=cartridge_home)
+    proc = run_cli("train", "sample", *TINY_TRAIN, "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -79,7 +77,7 @@ def test_composed_chat_over_two_corpora(trained, tmp_path, cartridge_home):
     other = tmp_path / "other"
     write(other, "tides.md", "The Harbour Office posts the tide table every Sunday at noon.\n" * 20)
     assert run_cli("ingest", str(other), env_home=cartridge_home).returncode == 0
-    proc = run_cli("train", "other", *TINY, "--json", env_home=cartridge_home)
+    proc = run_cli("train", "other", *TINY_TRAIN, "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("chat", "sample", "other", "--prompt", "Hello", "--max-tokens", "8", "--json",
                    env_home=cartridge_home)

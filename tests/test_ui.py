@@ -270,12 +270,14 @@ def test_ingest_train_chat_history_eval(tmp_path):
         remaining = [c["id"] for c in client.predict(api_name="/list_chats")]
         assert remaining and chat_id not in remaining
 
-        # evaluation: none / icl / cartridge side by side, remembered in the library
+        # evaluation: none / icl / untrained / cartridge side by side, remembered in the library
         summary, chart, figures, result = client.predict("sample", "", handle_file(str(qa)),
-                                                         ["none", "icl", "cartridge"], api_name="/evaluate")
-        assert set(result["modes"]) == {"none", "icl", "cartridge"} and result["questions"] == 2
-        assert [r[0] for r in rows_of(figures)] == ["none (no corpus)", "icl (folder in context)", "cartridge"]
-        assert len(chart["data"]) == 3 and "sample v1 · 2 questions" in summary
+                                                         ["none", "icl", "init", "cartridge"], api_name="/evaluate")
+        assert set(result["modes"]) == {"none", "icl", "init", "cartridge"} and result["questions"] == 2
+        assert [r[0] for r in rows_of(figures)] == ["none (no corpus)", "icl (folder in context)",
+                                                    "untrained cartridge", "cartridge"]
+        assert len(chart["data"]) == 4 and "sample v1 · 2 questions" in summary
+        assert "Training moved the answer NLL" in summary
         table = client.predict(None, api_name="/refresh_library")[0]
         assert rows_of(table)[0][9].startswith("v1: NLL")
 

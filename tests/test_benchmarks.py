@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on the real model and print the figures they promise (tiny sizes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ASSETS, ROOT, TINY_TRAIN, run_cli
+
+
+def run_benchmark(script: str, *args: str, home) -> dict:
+    env = {**os.environ, "CARTRIDGE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_modes(cartridge_home):
+    assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "sample", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
+    doc = run_benchmark("bench_modes.py", "sample", "--engine", "torch", "--new-tokens", "3", "--repeats", "1",
+                        home=cartridge_home)
+    modes = doc["modes"]
+    assert list(modes) == ["none", "icl", "cartridge"] and doc["engine"] == "torch"
+    assert all(m["ttft_s"] > 0 and m["decode_tok_s"] > 0 for m in modes.values())
+    assert modes["none"]["kv_bytes"] < modes["cartridge"]["kv_bytes"] < modes["icl"]["kv_bytes"]
+    assert doc["ratios"]["kv_icl_over_cartridge"] == modes["icl"]["kv_bytes"] / modes["cartridge"]["kv_bytes"]
+    assert doc["targets_met"]["kv_le_1_8_of_icl"]  # 16 virtual tokens against a ~5,000-token corpus
+
+
+def test_bench_synthesis(cartridge_home):
+    doc = run_benchmark("bench_synthesis.py", "--conversations", "2", "--chunk-tokens", "128", home=cartridge_home)
+    assert set(doc["backends"]) == {"llamacpp", "torch"}
+    for figures in doc["backends"].values():
+        assert figures["conversations"] == 2 and figures["per_min"] > 0 and figures["mean_answer_tokens"] > 0
