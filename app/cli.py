@@ -80,20 +80,23 @@ def cmd_versions(args) -> None:
     corpus = registry.get_corpus(db, args.corpus)
     versions = [{"number": v["number"], "status": v["status"], "files": v["files"], "tokens": v["tokens"],
                  "created": v["created"], "manifest_hash": v["manifest_hash"], "cartridge": v["cartridge"],
-                 "current": v["number"] == corpus["current_version"], "error": v["error"]}
+                 "current": v["number"] == corpus["current_version"], "error": v["error"],
+                 "heldout": v.get("heldout")}
                 for v in registry.list_versions(db, corpus["id"])]
     if args.json:
         _print_json({"corpus": corpus["name"], "versions": versions})
         return
     for v in versions:
         mark = "*" if v["current"] else " "
+        score = f"held-out {v['heldout']:.0%}" if v["heldout"] is not None else ""
         print(f"{mark} v{v['number']:<4} {v['status']:<11} {v['files']:>6} files {v['tokens']:>9,} tokens  "
-              f"{_when(v['created'])}")
+              f"{_when(v['created'])}  {score}".rstrip())
 
 
 def _train_overrides(args) -> dict:
     return {"p": args.tokens, "conversations": args.conversations, "steps": args.steps, "batch_size": args.batch_size,
-            "chunk_tokens": args.chunk_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed}
+            "chunk_tokens": args.chunk_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
+            "teacher": args.teacher, "lr_schedule": args.lr_schedule, "init": args.init}
 
 
 class _Bars:
@@ -145,6 +148,13 @@ def cmd_train(args) -> None:
         print(f"{outcome.corpus} v{outcome.version}: cartridge of {outcome.tokens} tokens from {outcome.conversations} "
               f"conversations, {outcome.steps} steps, loss {outcome.loss_first:.4f} -> {outcome.loss_last:.4f}, "
               f"{outcome.seconds:.0f} s\n  {outcome.cartridge}")
+        if outcome.heldout:
+            h = outcome.heldout
+            print(f"  held-out score {h['score']:.0%} of the teacher's advantage on {h['conversations']} unseen "
+                  f"conversations (untrained: {h['init_score']:.0%}; answer NLL none {h['nll_none']:.3f}, "
+                  f"cartridge {h['nll_cartridge']:.3f}, teacher {h['nll_teacher']:.3f})")
+        if not outcome.current:
+            print(f"  not made current: it scored clearly worse than the version serving", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -190,12 +200,28 @@ def cmd_eval(args) -> None:
     if args.json:
         _print_json(result)
         return
-    print(f"{result['corpus']} v{result['version']}: {result['questions']} questions")
+    graded = f", {result['graded']} with expected strings (answers up to {result['answer_tokens']} tokens)" \
+        if result["graded"] else ""
+    print(f"{result['corpus']} v{result['version']}: {result['questions']} questions{graded}")
     for mode, figures in result["modes"].items():
-        print(f"  {mode:<10} answer NLL {figures['nll']:.4f}   KV {figures['kv_bytes'] / 1e6:8.2f} MB   "
+        accuracy = f"   accuracy {figures['accuracy']:6.1%}" if "accuracy" in figures else ""
+        print(f"  {mode:<10} answer NLL {figures['nll']:.4f}{accuracy}   KV {figures['kv_bytes'] / 1e6:8.2f} MB   "
               f"first token {figures['ttft_s']:.3f} s")
     if result["recovered"] is not None:
         print(f"  recovered {result['recovered']:.1%} of in-context learning's gain")
+
+
+def cmd_remove(args) -> None:
+    from engine import registry
+    from engine.pipeline import remove_corpus
+
+    db = registry.open_registry()
+    removed = remove_corpus(db, args.corpus)
+    if args.json:
+        _print_json(removed)
+    else:
+        print(f"removed {removed['name']} from the library and deleted its conversations and cartridges "
+              f"(your folder {removed['root']} is untouched)")
 
 
 def cmd_watch(args) -> None:
@@ -313,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="version to train (default: the latest)")
     _add_train_flags(p)
     p.add_argument("--lr", type=float, help="learning rate (default 2e-2)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule")
     p.add_argument("--loss-on", choices=["assistant", "all"], help="supervise assistant tokens (default) or all")
+    p.add_argument("--teacher", choices=["corpus", "chunk"],
+                   help="what the self-study teacher sees: the whole corpus (a window when too long) or the chunk")
+    p.add_argument("--init", choices=["first", "spread"],
+                   help="start from the corpus's first p tokens or from excerpts spread across it")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", help="Hugging Face id or local folder (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -345,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["llama.cpp", "torch"], help="inference engine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("remove", help="remove a corpus from the library, with its conversations and cartridges")
+    p.add_argument("corpus")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("watch", help="retrain cartridges when their folders change (runs until Ctrl-C)")
     p.add_argument("corpus", nargs="*",

@@ -9,17 +9,17 @@ from pathlib import Path
 import gradio as gr
 
 from app.ui_common import corpus_dropdown, guarded, number, open_db, version_choices, warn, when
-from engine import library, registry
+from engine import library, pipeline, registry
 from engine.errors import UserError
 from engine.ingest import ingest
 
 SAMPLE_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "sample"
 PREVIEW_IGNORE = "*/.git"  # the explorer is a preview; the scan applies the real rules
 
-LIBRARY_HEADERS = ["Corpus", "Status", "Current", "Versions", "Files", "Tokens", "Cartridge", "p", "Trained",
-                   "Eval (answer NLL)", "Folder"]
+LIBRARY_HEADERS = ["Corpus", "Status", "Current", "Versions", "Files", "Tokens", "Cartridge", "p", "Held-out score",
+                   "Trained", "Eval (answer NLL)", "Folder"]
 MANIFEST_HEADERS = ["File", "Status", "Tokens", "Reason"]
-VERSION_HEADERS = ["Version", "Status", "Files", "Tokens", "Cartridge", "p", "Recorded", "Note"]
+VERSION_HEADERS = ["Version", "Status", "Files", "Tokens", "Cartridge", "p", "Held-out score", "Recorded", "Note"]
 
 
 # -- pure views ------------------------------------------------------------------------------------
@@ -33,9 +33,14 @@ def library_rows(busy: set[str]) -> list[list]:
         rows.append([s["name"], status, f"v{s['current_version']}" if s["current_version"] else "–",
                      s["versions"], s["files"], number(s["tokens"]),
                      f"{s['cartridge_mb']:.2f} MB" if s["cartridge_mb"] is not None else "–",
-                     s["p"] if s["p"] is not None else "–", when(s["trained"]) or "–",
+                     s["p"] if s["p"] is not None else "–", percent(s["heldout"]), when(s["trained"]) or "–",
                      library.eval_brief(s["eval"]) or "–", s["root"]])
     return rows
+
+
+def percent(score: float | None) -> str:
+    """A held-out score as a share ("62%"), or a dash when the cartridge has none."""
+    return "–" if score is None else f"{score:.0%}"
 
 
 def manifest_view(files: list[dict], title: str) -> tuple[str, list[list]]:
@@ -64,7 +69,8 @@ def version_view(corpus: str | None) -> list[list]:
         rows = library.version_rows(db, corpus)
     return [[f"v{v['number']}" + (" (current)" if v["current"] else ""), v["status"], v["files"], number(v["tokens"]),
              f"{v['cartridge_mb']:.2f} MB" if v["cartridge_mb"] is not None else "–",
-             v["p"] if v["p"] is not None else "–", when(v["created"]), v["error"] or ""] for v in rows]
+             v["p"] if v["p"] is not None else "–", percent(v["heldout"]), when(v["created"]), v["error"] or ""]
+            for v in rows]
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -283,7 +289,7 @@ def build(ctx) -> dict:
         if ctx.watcher is not None and ctx.watcher.status(corpus) is not None:
             ctx.watcher.unwatch(corpus)
         with open_db() as db:
-            registry.delete_corpus(db, registry.get_corpus(db, corpus)["id"])
+            pipeline.remove_corpus(db, corpus)
         ctx.forget_corpus(corpus)
         gr.Info(f"Removed {corpus} from the library (its folder is untouched)")
         return library_rows(queue.busy_corpora()), corpus_dropdown(None), gr.update(visible=False)

@@ -8,7 +8,8 @@ edits one file, and retrains: the pipeline reuses the conversations of the 19 un
 synthesizes only for the changed one, warm-starts from version 1's cartridge and trains on the new
 conversations plus an equal replay sample. Reports seconds, conversations synthesized and trained, and
 optimizer steps for each, and the ratio. The model is loaded before either run, so neither pays for it.
-Runs in a temporary data home unless --home is given.
+Runs in a temporary data home unless --home is given. Uses the chunk teacher: with the corpus-wide
+teacher every answer may draw on every file of a folder this small, so any edit means a full retrain.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main() -> None:
     from engine.models import load_model
 
     settings = dict(preset="quick", p=args.tokens, conversations=args.conversations, batch_size=args.batch_size,
-                    chunk_tokens=args.chunk_tokens, max_answer_tokens=args.max_answer_tokens, device=args.device)
+                    chunk_tokens=args.chunk_tokens, max_answer_tokens=args.max_answer_tokens, device=args.device,
+                    teacher="chunk")
     folder = home / "folder"
     folder.mkdir(parents=True, exist_ok=True)
     paths = make_folder(folder)

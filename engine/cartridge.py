@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import CartridgeMismatch
+from engine.errors import CartridgeMismatch, UserError
 from engine.models import LoadedModel, chat_ids
 
 FORMAT = "cartridge-desktop/1"
@@ -67,9 +67,14 @@ def init_ids(lm: LoadedModel, p: int, init_text: str) -> list[int]:
     return ids[:p]
 
 
-def corpus_init_text(sampler, p: int) -> str:
-    """The corpus text a cartridge of p tokens starts from: the corpus's beginning, twice p tokens long
-    so that after the chat template's own tokens `init_ids` still has p to keep."""
+def corpus_init_text(sampler, p: int, how: str = "first") -> str:
+    """The corpus text a cartridge of p tokens starts from, twice p tokens long so that after the chat
+    template's own tokens `init_ids` still has p to keep: the corpus's beginning ("first"), or excerpts
+    from across it ("spread")."""
+    if how == "spread":
+        return sampler.spread(p * 2)
+    if how != "first":
+        raise UserError(f"unknown cartridge initialisation {how!r} (choose first or spread)")
     return sampler.prefix(p * 2)
 
 
@@ -244,11 +249,13 @@ def generate(
     stop_ids: set[int] | None = None,
     on_token=None,
     generator: torch.Generator | None = None,
+    guard=None,
 ) -> list[int]:
     """Decode after `prompt_ids` with the cartridge (or none) in front; greedy when temperature is 0.
 
     A plain decode loop over a fresh cache, so it can stream (`on_token(id)`) and stop on any id in
-    `stop_ids` (default: the tokenizer's EOS).
+    `stop_ids` (default: the tokenizer's EOS). A `engine.decoding.LoopGuard` bans the tokens it lists
+    and ends the answer once it loops (the caller keeps `guard.kept()`).
     """
     if stop_ids is None:
         stop_ids = {lm.tokenizer.eos_token_id}
@@ -262,6 +269,8 @@ def generate(
             result = lm.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = result.past_key_values
             logits = result.logits[0, -1].float()
+            if guard is not None and (banned := guard.banned()):
+                logits[banned] = float("-inf")
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
@@ -272,5 +281,9 @@ def generate(
             out.append(token)
             if on_token is not None:
                 on_token(token)
+            if guard is not None:
+                guard.add(token)
+                if guard.stop:
+                    break
             ids = torch.tensor([[token]], device=lm.device)
     return out

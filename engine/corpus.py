@@ -29,6 +29,8 @@ class Chunk:
     file_hashes: list[str]
     start: int  # first token index in the corpus text
     n_tokens: int
+    context: str | None = None  # what the teacher sees: the whole corpus or a window around the chunk
+    context_tokens: int = 0
 
 
 def version_documents(db, version: dict) -> list[Document]:
@@ -91,6 +93,48 @@ class ChunkSampler:
     def sample_many(self, count: int, n_tokens: int, seed: int = 0, only_files: set[str] | None = None) -> list[Chunk]:
         rng = random.Random(seed)
         return [self.sample(n_tokens, rng, only_files) for _ in range(count)]
+
+    def teacher_windows(self, budget: int) -> list[tuple[int, int]]:
+        """Token ranges the teacher may see: the whole corpus when it fits `budget`, else windows of
+        `budget` tokens overlapping by half (so every chunk of up to budget/2 tokens lies inside one)."""
+        if self.n_tokens <= budget:
+            return [(0, self.n_tokens)]
+        stride = max(1, budget // 2)
+        starts = list(range(0, self.n_tokens - budget, stride)) + [self.n_tokens - budget]
+        return [(s, s + budget) for s in dict.fromkeys(starts)]
+
+    def with_teacher_context(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        """The chunks, each given the window (or whole corpus) the teacher answers from, ordered by window.
+
+        Consecutive chunks of one window share the teacher's prompt, so an engine that keeps the common
+        prefix of consecutive prompts evaluates each window once, not once per conversation.
+        """
+        windows = self.teacher_windows(budget)
+        contexts: dict[int, Chunk] = {}
+        placed = []
+        for chunk in chunks:
+            middle = chunk.start + chunk.n_tokens / 2
+            index = min(range(len(windows)), key=lambda i: abs((windows[i][0] + windows[i][1]) / 2 - middle))
+            if index not in contexts:
+                lo, hi = windows[index]
+                window = self.span(lo, hi - lo)
+                if (lo, hi) == (0, self.n_tokens):
+                    window.text = self.text
+                contexts[index] = window
+            window = contexts[index]
+            # The answer may draw on anything the teacher saw: the conversation depends on all its files.
+            chunk.context, chunk.context_tokens = window.text, window.n_tokens
+            chunk.files, chunk.file_hashes = list(window.files), list(window.file_hashes)
+            placed.append((index, chunk))
+        return [chunk for _, chunk in sorted(placed, key=lambda pair: pair[0])]
+
+    def spread(self, n_tokens: int, pieces: int = 8) -> str:
+        """About `n_tokens` tokens of text in `pieces` evenly spaced excerpts from across the corpus."""
+        if self.n_tokens <= n_tokens:
+            return self.text
+        size = max(1, n_tokens // pieces)
+        starts = [round(i * (self.n_tokens - size) / max(1, pieces - 1)) for i in range(pieces)]
+        return "\n\n".join(self.span(s, size).text for s in starts)
 
     def prefix(self, n_tokens: int) -> str:
         """The text of the first `n_tokens` tokens (used to initialise a cartridge)."""

@@ -16,16 +16,19 @@ from pathlib import Path
 import torch
 
 from engine import registry
-from engine.cartridge import compose, corpus_init_text, init_ids, kv_bytes, load_cartridge, to_cache
+from engine.cartridge import compose, corpus_init_text, generate, init_ids, kv_bytes, load_cartridge, to_cache
 from engine.corpus import ChunkSampler, assemble, version_documents
+from engine.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
 EVAL_MODES = ("none", "icl", "init", "cartridge")
+EVAL_DECODING = Decoding(max_new_tokens=EVAL_ANSWER_TOKENS, temperature=0.0,
+                         no_repeat_ngram=DEFAULT_DECODING.no_repeat_ngram)
 
 
 def read_qa(path: str | Path) -> list[dict]:
-    """JSON Lines of {"question", "answer"}; any bad line is a UserError naming it."""
+    """JSON Lines of {"question", "answer", optional "expect": [strings]}; any bad line is a UserError naming it."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -39,6 +42,10 @@ def read_qa(path: str | Path) -> list[dict]:
             item = json.loads(line)
             if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
                 raise ValueError
+            expect = item.get("expect")
+            if expect is not None and (not isinstance(expect, list) or not expect
+                                       or not all(isinstance(e, str) and e.strip() for e in expect)):
+                raise UserError(f"{path}:{number}: \"expect\" must be a list of non-empty strings")
         except (ValueError, AttributeError):
             raise UserError(f"{path}:{number}: expected {{\"question\": ..., \"answer\": ...}}") from None
         items.append(item)
@@ -91,6 +98,19 @@ class Scorer:
         logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
         return float(-logprobs.gather(1, ids[0, first:, None]).mean())
 
+    def prompt_rest(self, question: str) -> list[int]:
+        """The question's prompt ids after what the prefix already holds."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": question}]
+        return chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)[self.skip:]
+
+    def answer(self, question: str, decoding: Decoding) -> str:
+        """The answer generated after the prefix, decoded exactly as chat decodes (loop guard included)."""
+        guard = LoopGuard(decoding.no_repeat_ngram)
+        generate(self.lm, self.prefix, self.prompt_rest(question), max_new_tokens=decoding.max_new_tokens,
+                 temperature=decoding.temperature, stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
+        return self.lm.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
+
 
 class LlamaCppScorer(Scorer):
     """The same scores on llama.cpp (the GGUF as quantised): the prefix is written or evaluated once and
@@ -116,6 +136,12 @@ class LlamaCppScorer(Scorer):
         first = len(prompt) - self.skip
         logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
         return float(-logprobs.gather(1, torch.tensor(rest[first:])[:, None]).mean())
+
+    def answer(self, question: str, decoding: Decoding) -> str:
+        guard = LoopGuard(decoding.no_repeat_ngram)
+        self.llama.generate(self.prompt_rest(question), max_new_tokens=decoding.max_new_tokens,
+                            temperature=decoding.temperature, stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
+        return self.lm.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
@@ -143,8 +169,12 @@ def llama_time_to_first_token(llama, embeddings: torch.Tensor | None, prompt_ids
 
 def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
              version: int | None = None, model: str | None = None, device: str | None = None,
-             cartridge_folder: Path | None = None, engine: str | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Run the QA file through each mode; returns {"modes": {mode: {nll, kv_bytes, ttft_s}}, "recovered", ...}."""
+             cartridge_folder: Path | None = None, engine: str | None = None,
+             on_progress: Callable[[str, int, int], None] | None = None, decoding: Decoding = EVAL_DECODING,
+             answers: bool = True) -> dict:
+    """Run the QA file through each mode; returns {"modes": {mode: {nll, accuracy, kv_bytes, ttft_s}},
+    "recovered", ...}. Lines with "expect" also get a generated answer per mode (`decoding`, as chat
+    decodes but capped at EVAL_ANSWER_TOKENS): `accuracy` is the share containing all their expect strings."""
     for mode in modes:
         if mode not in EVAL_MODES:
             raise UserError(f"unknown eval mode {mode!r} (choose from {', '.join(EVAL_MODES)})")
@@ -177,7 +207,9 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     prefixes = {"cartridge": compose([cartridge]) if cartridge is not None else None}
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
-        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p)))
+        how = (cartridge.meta.get("training") or {}).get("train", {}).get("init", "first")
+        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p, how)))
+    graded = [item for item in qa if item.get("expect")] if answers else []
     results: dict[str, dict] = {}
     for mode in modes:
         system = context_system_prompt(corpus_text) if mode == "icl" else None
@@ -191,11 +223,16 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system)
         else:
             scorer = Scorer(lm, embeddings=embeddings, system=system)
-        scores = []
+        scores, generated = [], []
         for i, item in enumerate(qa):
             scores.append(scorer.nll(item["question"], item["answer"]))
             if on_progress:
-                on_progress(mode, i + 1, len(qa))
+                on_progress(mode, i + 1, len(qa) + len(graded))
+        for i, item in enumerate(graded):
+            text = scorer.answer(item["question"], decoding)
+            generated.append({"question": item["question"], "answer": text, "correct": contains_all(text, item["expect"])})
+            if on_progress:
+                on_progress(mode, len(qa) + i + 1, len(qa) + len(graded))
         first_prompt = chat_ids(lm.tokenizer, ([{"role": "system", "content": system}] if system else [])
                                 + [{"role": "user", "content": qa[0]["question"]}], add_generation_prompt=True)
         prefix_len = embeddings.shape[0] if embeddings is not None else 0
@@ -206,11 +243,14 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
                             else llama_time_to_first_token(llama, embeddings, first_prompt), 4),
             "per_question": [round(s, 4) for s in scores],
         }
+        if generated:
+            results[mode]["accuracy"] = round(sum(g["correct"] for g in generated) / len(generated), 4)
+            results[mode]["answers"] = generated
     recovered = None
     if {"none", "icl", "cartridge"} <= set(results):
         gain = results["none"]["nll"] - results["icl"]["nll"]
         if gain > 0:
             recovered = round((results["none"]["nll"] - results["cartridge"]["nll"]) / gain, 4)
-    return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "model": lm.spec,
-            "engine": "llama.cpp" if llama is not None else "torch",
-            "modes": results, "recovered": recovered}
+    return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "graded": len(graded),
+            "answer_tokens": decoding.max_new_tokens, "model": lm.spec,
+            "engine": "llama.cpp" if llama is not None else "torch", "modes": results, "recovered": recovered}

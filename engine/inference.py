@@ -14,6 +14,7 @@ from pathlib import Path
 from engine import registry
 from engine.cartridge import Cartridge, compose, generate, kv_bytes, load_cartridge
 from engine.corpus import assemble, version_documents
+from engine.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
@@ -96,8 +97,7 @@ class _Chat:
         if target.mode == "icl":
             text = "".join(assemble(version_documents(db, v)) for v in target.versions)
             self.system = context_system_prompt(text)
-        vocab = tokenizer.get_vocab()
-        self.stop_ids = {tokenizer.eos_token_id, *(vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab)}
+        self.stop_ids = stop_ids(tokenizer)
 
     prefix_tokens = 0
 
@@ -113,15 +113,20 @@ class _Chat:
             raise UserError(f"{what} needs {needed:,} positions but the model has {self.max_positions:,}: "
                             "use a cartridge, or start a new chat")
 
-    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float, on_token) -> None:
+    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float, on_token, guard: LoopGuard) -> None:
         raise NotImplementedError
 
     def kv_bytes(self, n_tokens: int) -> int:
         raise NotImplementedError
 
-    def reply(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    def reply(self, messages: list[dict], *, max_new_tokens: int = DEFAULT_DECODING.max_new_tokens,
+              temperature: float = DEFAULT_DECODING.temperature, no_repeat_ngram: int = DEFAULT_DECODING.no_repeat_ngram,
               on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Reply:
-        """Answer the last user message of `messages`, streaming text pieces to `on_text`."""
+        """Answer the last user message of `messages`, streaming text pieces to `on_text`.
+
+        The loop guard (`engine.decoding`) keeps the answer from repeating itself: an answer that loops
+        anyway ends where the repetition began (the streamed text may have shown a little more).
+        """
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), max_new_tokens)
         tokenizer = self.tokenizer
@@ -145,11 +150,14 @@ class _Chat:
             if should_stop and should_stop():
                 raise _Stop
 
+        guard = LoopGuard(no_repeat_ngram)
         try:
-            self._generate(ids, max_new_tokens, temperature, on_token)
+            self._generate(ids, max_new_tokens, temperature, on_token, guard)
         except _Stop:
             pass
         end = time.perf_counter()
+        n_generated = len(out)
+        del out[len(guard.kept()):]
         answer = tokenizer.decode(out, skip_special_tokens=True)
         if on_text and answer != shown and answer.startswith(shown):
             on_text(answer[len(shown):])
@@ -157,7 +165,8 @@ class _Chat:
         decode_s = end - first[0] if first else 0.0
         return Reply(
             answer=answer.strip(), mode=self.target.mode, cartridges=[str(f) for f in self.target.cartridge_folders],
-            ttft_s=round(ttft, 4), tokens_per_s=round((len(out) - 1) / decode_s, 2) if len(out) > 1 and decode_s else 0.0,
+            ttft_s=round(ttft, 4),
+            tokens_per_s=round((n_generated - 1) / decode_s, 2) if n_generated > 1 and decode_s else 0.0,
             kv_bytes=self.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
             versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
             engine=self.engine,
@@ -177,9 +186,9 @@ class TorchChat(_Chat):
             self.embeddings = compose([load_cartridge(f, self.lm) for f in target.cartridge_folders])
             self.prefix_tokens = int(self.embeddings.shape[0])
 
-    def _generate(self, ids, max_new_tokens, temperature, on_token) -> None:
+    def _generate(self, ids, max_new_tokens, temperature, on_token, guard) -> None:
         generate(self.lm, self.embeddings, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 stop_ids=self.stop_ids, on_token=on_token)
+                 stop_ids=self.stop_ids, on_token=on_token, guard=guard)
 
     def kv_bytes(self, n_tokens: int) -> int:
         return kv_bytes(n_tokens, self.lm)
@@ -204,9 +213,9 @@ class LlamaCppChat(_Chat):
             embeddings = compose([load_cartridge(f, self.llama) for f in target.cartridge_folders])
             self.prefix_tokens = self.llama.inject(embeddings, warm_ids=template_prefix_ids(tokenizer))
 
-    def _generate(self, ids, max_new_tokens, temperature, on_token) -> None:
+    def _generate(self, ids, max_new_tokens, temperature, on_token, guard) -> None:
         self.llama.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=self.stop_ids,
-                            on_token=on_token)
+                            on_token=on_token, guard=guard)
 
     def kv_bytes(self, n_tokens: int) -> int:
         return n_tokens * self.llama.n_layers * 2 * self.llama.n_kv_heads * self.llama.head_dim * 2  # f16 cache

@@ -117,8 +117,9 @@ class TrainingQueue:
                     job.history.append({"step": progress.done, "loss": progress.loss, "tokens_per_s": progress.rate})
 
             try:
+                # A retrain the watcher started must not replace a clearly better serving version.
                 outcome = pipeline.train(db, job.corpus, on_progress=on_progress, should_stop=job.stop.is_set,
-                                         **job.kwargs)
+                                         guard_current=job.source == "watch", **job.kwargs)
                 state = "done" if outcome is not None else "cancelled"
                 job.outcome = outcome.to_json() if outcome is not None else None
             except UserError as exc:

@@ -90,6 +90,7 @@ def corpus_summary(db, corpus: dict, busy: set[str] | frozenset = frozenset()) -
         "files": latest["files"] if latest else 0, "tokens": latest["tokens"] if latest else 0,
         "cartridge_mb": info["size_mb"] if info else None, "p": info["p"] if info else None,
         "trained": trained, "eval": evaluation, "watch": bool(corpus.get("watch")),
+        "heldout": current_row.get("heldout") if current_row else None,
     }
 
 
@@ -107,7 +108,7 @@ def version_rows(db, corpus_name: str) -> list[dict]:
         rows.append({"number": v["number"], "current": v["number"] == corpus["current_version"],
                      "status": v["status"], "files": v["files"], "tokens": v["tokens"], "created": v["created"],
                      "p": info["p"] if info else None, "cartridge_mb": info["size_mb"] if info else None,
-                     "error": v["error"]})
+                     "error": v["error"], "heldout": v.get("heldout")})
     return rows
 
 
@@ -175,7 +176,8 @@ def loss_curve(db, run_id: int) -> list[dict]:
 def record_eval(db, result: dict, qa_name: str | None = None) -> None:
     """Keep an evaluation's figures as an event of its corpus (the library shows the latest)."""
     corpus = registry.get_corpus(db, result["corpus"])
-    modes = {m: {k: f[k] for k in ("nll", "kv_bytes", "ttft_s") if k in f} for m, f in result["modes"].items()}
+    modes = {m: {k: f[k] for k in ("nll", "accuracy", "kv_bytes", "ttft_s") if k in f}
+             for m, f in result["modes"].items()}
     data = {"version": result["version"], "questions": result["questions"], "model": result.get("model"),
             "modes": modes, "recovered": result.get("recovered"), "qa": qa_name}
     parts = [f"{m} {f['nll']:.3f}" for m, f in modes.items()]
@@ -197,6 +199,8 @@ def eval_brief(evaluation: dict | None) -> str:
     parts = []
     if "cartridge" in modes:
         parts.append(f"NLL {modes['cartridge']['nll']:.2f}")
+        if "accuracy" in modes["cartridge"]:
+            parts.append(f"accuracy {modes['cartridge']['accuracy']:.0%}")
     others = [f"{m} {modes[m]['nll']:.2f}" for m in ("icl", "none") if m in modes]
     if others:
         parts.append("(" + ", ".join(others) + ")")

@@ -769,14 +769,15 @@ class LlamaCppEngine:
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
                  rng: np.random.Generator | None = None, on_logits: Callable[[np.ndarray], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[int]:
+                 should_stop: Callable[[], bool] | None = None, guard=None) -> list[int]:
         """Decode after cartridge + `prompt_ids`; greedy at temperature 0, else sampled from softmax(logits / T).
 
         Streams every kept token to `on_token`; `on_logits` sees the logits each token was chosen from
-        (also for a stop token, which ends the answer and is not returned).
+        (also for a stop token, which ends the answer and is not returned). A `engine.decoding.LoopGuard`
+        bans the tokens it lists and ends the answer once it loops (the caller keeps `guard.kept()`).
         """
         return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                              should_stop).tokens
+                              should_stop, guard).tokens
 
     def timed_generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                        stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
@@ -793,7 +794,7 @@ class LlamaCppEngine:
                               should_stop)
 
     def _generate(self, prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                  should_stop) -> GenerationStats:
+                  should_stop, guard=None) -> GenerationStats:
         if stop_ids is None:
             stop_ids = self.eos_ids()
         if temperature > 0 and rng is None:
@@ -806,6 +807,8 @@ class LlamaCppEngine:
         logits = self.prefill(prompt_ids)
         stopped = False
         for step in range(max_new_tokens):
+            if guard is not None and (banned := guard.banned()):
+                logits[banned] = -np.inf
             token = sample(logits, temperature, rng)
             if on_logits is not None:
                 on_logits(logits)
@@ -817,7 +820,9 @@ class LlamaCppEngine:
             out.append(token)
             if on_token is not None:
                 on_token(token)
-            if step == max_new_tokens - 1 or (should_stop is not None and should_stop()):
+            if guard is not None:
+                guard.add(token)
+            if step == max_new_tokens - 1 or (should_stop is not None and should_stop()) or (guard and guard.stop):
                 break
             logits = self.eval([token])
         end = time.perf_counter()

@@ -23,10 +23,12 @@ from engine.conversations import count_conversations, read_conversations, write_
 from engine.corpus import ChunkSampler, version_documents
 from engine.errors import UserError
 from engine.paths import cartridges_dir, data_home
-from engine.training import PRESETS, StepMetrics, TrainConfig
+from engine.training import PRESETS, StepMetrics, TrainConfig, split_heldout
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
 MAX_SYNTHESIS_ROUNDS = 3
+TEMPLATE_MARGIN = 320  # teacher prompt tokens beyond the corpus text: template, seed prompt, file headers
+WORSE_MARGIN = 0.05  # a watcher retrain whose held-out score is lower by more than this stays not current
 
 
 @dataclass
@@ -54,11 +56,15 @@ class TrainOutcome:
     loss_last: float
     seconds: float
     run_id: int
+    heldout: dict | None = None  # the held-out score and its parts (see training.BestState.to_json)
+    current: bool = True  # False when a watcher retrain scored clearly worse than the version serving
 
     def to_json(self) -> dict:
         return {"corpus": self.corpus, "version": self.version, "cartridge": self.cartridge, "tokens": self.tokens,
                 "conversations": self.conversations, "steps": self.steps, "loss_first": round(self.loss_first, 5),
-                "loss_last": round(self.loss_last, 5), "seconds": round(self.seconds, 1), "run_id": self.run_id}
+                "loss_last": round(self.loss_last, 5), "seconds": round(self.seconds, 1), "run_id": self.run_id,
+                "heldout": self.heldout["score"] if self.heldout else None, "heldout_detail": self.heldout,
+                "current": self.current}
 
 
 def make_config(preset: str = "quick", **overrides) -> TrainConfig:
@@ -99,17 +105,45 @@ def recover_interrupted(db) -> list[int]:
     return found
 
 
-def synth_dir(corpus_id: int, version_number: int) -> Path:
-    return data_home() / "synth" / f"c{corpus_id}" / f"v{version_number}"
+def corpus_folders(corpus: dict) -> list[Path]:
+    """Every folder the app writes for a corpus (conversations, run checkpoints, cartridges), named by
+    its uid, which is never reused: a later corpus can never find an earlier one's files."""
+    return [data_home() / kind / corpus["uid"] for kind in ("synth", "runs")] + [cartridges_dir() / corpus["uid"]]
 
 
-def run_dir(run_id: int) -> Path:
-    return data_home() / "runs" / str(run_id)
+def remove_corpus(db, name: str) -> dict:
+    """Forget a corpus and delete every file the app made for it (conversations, checkpoints, cartridges),
+    once the registry transaction has committed. Refused while it trains. Returns the removed corpus."""
+    recover_interrupted(db)
+    corpus = registry.get_corpus(db, name)
+    running = registry.list_runs(db, corpus["id"], status="running")
+    if running:
+        raise UserError(f"{name!r} is training (run {running[0]['id']}); stop it before removing the corpus")
+    registry.delete_corpus(db, corpus["id"])
+    for folder in corpus_folders(corpus):
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"name": corpus["name"], "root": corpus["root"], "removed": True}
 
 
-def _synth_settings(cfg: TrainConfig, fingerprint: str) -> dict:
+def synth_dir(corpus: dict, version_number: int) -> Path:
+    return data_home() / "synth" / corpus["uid"] / f"v{version_number}"
+
+
+def run_dir(corpus: dict, run_id: int) -> Path:
+    return data_home() / "runs" / corpus["uid"] / str(run_id)
+
+
+def _synth_settings(cfg: TrainConfig, fingerprint: str, corpus: dict, row: dict) -> dict:
+    """What the conversations of a version depend on: kept conversations must match all of it."""
     return {"fingerprint": fingerprint, "chunk_tokens": cfg.chunk_tokens, "max_user_tokens": cfg.max_user_tokens,
-            "max_answer_tokens": cfg.max_answer_tokens, "seed": cfg.seed}
+            "max_answer_tokens": cfg.max_answer_tokens, "seed": cfg.seed, "teacher": cfg.teacher,
+            "teacher_tokens": cfg.teacher_tokens, "corpus_uid": corpus["uid"], "manifest_hash": row["manifest_hash"]}
+
+
+def teacher_budget(cfg: TrainConfig, max_positions: int) -> int:
+    """Corpus tokens the teacher can see next to one conversation in the model's context."""
+    room = max_positions - cfg.max_user_tokens - cfg.max_answer_tokens - TEMPLATE_MARGIN
+    return max(cfg.chunk_tokens, min(room, cfg.teacher_tokens) if cfg.teacher_tokens else room)
 
 
 def _prepare_synth_dir(folder: Path, settings: dict) -> None:
@@ -143,6 +177,8 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
             break
         chunks = sampler.sample_many(target - have, cfg.chunk_tokens, seed=cfg.seed + have + 7919 * attempt,
                                      only_files=only_files)
+        if cfg.teacher == "corpus":
+            chunks = sampler.with_teacher_context(chunks, teacher_budget(cfg, lm.max_positions))
         pending = []
         for conversation in synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
                                        max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed + have + attempt,
@@ -199,8 +235,10 @@ def plan_increment(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents)
     current = {d.path: d.sha256 for d in documents}
     before = {f["path"]: f["sha256"] for f in registry.version_files(db, prev["id"])}
     changed = {path for path, sha in current.items() if before.get(path) != sha}
-    old = read_conversations(synth_dir(corpus["id"], prev["number"]))
+    old = read_conversations(synth_dir(corpus, prev["number"]))
     reused = [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
+    if len(reused) < cfg.conversations // 2:
+        return None  # too little still holds (a corpus-wide teacher saw the changed files): train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
     share = sum(tokens.get(p, 0) for p in changed) / max(1, sum(tokens.values()))
     n_new = 0 if not changed else max(cfg.batch_size, math.ceil(cfg.conversations * share))
@@ -221,8 +259,12 @@ def _write_in_shards(folder: Path, conversations: list) -> None:
 def train(db, corpus_name: str, *, version: int | None = None, preset: str = "quick", model: str | None = None,
           device: str | None = None, resume: bool = False, incremental: bool = True, synthesis_backend: str = "auto",
           on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          **overrides) -> TrainOutcome:
-    """Train (or resume) the cartridge of a corpus version and make that version current."""
+          guard_current: bool = False, **overrides) -> TrainOutcome:
+    """Train (or resume) the cartridge of a corpus version and make that version current.
+
+    With `guard_current` (retrains the watcher starts), a version whose held-out score is clearly worse
+    than the serving version's is kept, ready, but not made current; an event says why.
+    """
     from engine.cartridge import (cartridge_embeddings, corpus_init_text, create_cartridge_model, peft_config_for,
                                   save_cartridge)
     from engine.models import load_model
@@ -270,8 +312,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     try:
         documents = version_documents(db, row)
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
-        folder = synth_dir(corpus["id"], row["number"])
-        _prepare_synth_dir(folder, _synth_settings(cfg, lm.fingerprint))
+        folder = synth_dir(corpus, row["number"])
+        _prepare_synth_dir(folder, _synth_settings(cfg, lm.fingerprint, corpus, row))
         increment = plan_increment(db, corpus, row, lm, cfg, documents) if incremental and not resume else None
 
         def on_synth(progress: Progress) -> None:
@@ -283,13 +325,13 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             every = read_conversations(folder)
             kept = resumed_increment["reused"]
             conversations = every[kept:] + _replay(every[:kept], resumed_increment["new"], cfg)
-            init_text = corpus_init_text(sampler, cfg.p)
+            init_text = corpus_init_text(sampler, cfg.p, cfg.init)
             config_doc["incremental"] = resumed_increment
         elif increment is None:
             synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, on_progress=on_synth,
                                should_stop=should_stop)
             conversations = read_conversations(folder)[: cfg.conversations]
-            init_text = corpus_init_text(sampler, cfg.p)
+            init_text = corpus_init_text(sampler, cfg.p, cfg.init)
         else:
             if count_conversations(folder) == 0:
                 _write_in_shards(folder, increment.reused)
@@ -309,6 +351,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             return _stopped(db, corpus, row, run_id)
         if not conversations:
             raise UserError("self-study produced no usable conversations")
+        conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
         if increment is None:
             # Initialise from the first p tokens of the corpus (wrapped as a system message).
             peft_model = create_cartridge_model(lm, cfg.p, init_text)
@@ -320,8 +363,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.add_metric(db, run_id, "training", m.step, loss=m.loss, tokens_per_s=m.tokens_per_s,
                                 elapsed_s=m.elapsed_s)
 
-        result = distill(peft_model, lm, conversations, cfg, on_step=on_step, checkpoint_dir=run_dir(run_id) / "checkpoint",
-                         resume=resume, should_stop=should_stop)
+        result = distill(peft_model, lm, conversations, cfg, on_step=on_step,
+                         checkpoint_dir=run_dir(corpus, run_id) / "checkpoint", resume=resume, should_stop=should_stop,
+                         heldout=heldout)
         if result.stopped:
             _unwrap(peft_model)
             return _stopped(db, corpus, row, run_id)
@@ -329,23 +373,28 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         seconds = time.perf_counter() - began
         metrics = {"incremental": config_doc.get("incremental"), "loss_first": result.loss_first, "loss_last": result.loss_last, "steps": result.steps,
                    "conversations": len(conversations), "seconds": round(seconds, 1),
-                   "tokens_per_s": round(result.tokens_per_s, 1)}
-        target = cartridges_dir() / f"c{corpus['id']}" / f"v{row['number']}"
+                   "tokens_per_s": round(result.tokens_per_s, 1), "heldout": result.heldout}
+        score = result.heldout["score"] if result.heldout else None
+        target = cartridges_dir() / corpus["uid"] / f"v{row['number']}"
         save_cartridge(cartridge_embeddings(peft_model), peft_config_for(cfg.p), target, {
             "base_model": lm.spec, "fingerprint": lm.fingerprint, "p": cfg.p, "n_layers": lm.n_layers,
             "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "corpus": corpus["name"],
             "corpus_root": corpus["root"], "version": row["number"], "manifest_hash": row["manifest_hash"],
             "training": config_doc, "metrics": metrics, "created": time.time()})
         _unwrap(peft_model)
+        worse = _worse_than_serving(db, corpus, row, score) if guard_current else None
         with registry.transaction(db):
-            registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None)
-            registry.update_corpus(db, corpus["id"], current_version=row["number"])
+            registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None, heldout=score)
+            if worse is None:
+                registry.update_corpus(db, corpus["id"], current_version=row["number"])
             registry.finish_run(db, run_id, "done", cartridge=str(target), summary=metrics)
             registry.add_event(db, corpus["id"], "train_finished", f"v{row['number']} is ready", metrics)
-        shutil.rmtree(run_dir(run_id), ignore_errors=True)
-        report(Progress("done", 1, 1, message="ready"))
+            if worse is not None:
+                registry.add_event(db, corpus["id"], "kept_previous", worse, {"version": row["number"], "heldout": score})
+        shutil.rmtree(run_dir(corpus, run_id), ignore_errors=True)
+        report(Progress("done", 1, 1, message="ready" if worse is None else worse))
         return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, len(conversations), result.steps,
-                            result.loss_first, result.loss_last, seconds, run_id)
+                            result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None)
     except KeyboardInterrupt:
         _stopped(db, corpus, row, run_id, status="interrupted")
         raise
@@ -360,6 +409,18 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if isinstance(exc, UserError):
             raise
         raise UserError(f"training failed: {message}") from exc
+
+
+def _worse_than_serving(db, corpus: dict, row: dict, score: float | None) -> str | None:
+    """Why a new version should not replace the serving one (held-out score clearly lower), or None."""
+    serving = db["corpora"].get(corpus["id"])["current_version"]
+    if serving is None or serving == row["number"] or score is None:
+        return None
+    current = registry.get_version(db, corpus, serving)
+    if current["status"] != "ready" or current.get("heldout") is None or score >= current["heldout"] - WORSE_MARGIN:
+        return None
+    return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving}'s "
+            f"{current['heldout']:.2f}: v{serving} keeps serving (make v{row['number']} current to use it anyway)")
 
 
 def _unwrap(peft_model) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,16 @@ def m003_chats_and_events(db: sqlite_utils.Database) -> None:
         pk="id", foreign_keys=[("corpus_id", "corpora", "id")],
     )
     db["events"].create_index(["corpus_id", "created"])
+
+
+@migration
+def m004_corpus_uid_and_heldout(db: sqlite_utils.Database) -> None:
+    """A corpus uid that is never reused names its folders on disk (ids can come back after a delete);
+    existing corpora keep their old folder names. Versions keep their cartridge's held-out score."""
+    db["corpora"].add_column("uid", str)
+    db.execute("UPDATE corpora SET uid = 'c' || id")
+    db["corpora"].create_index(["uid"], unique=True)
+    db["versions"].add_column("heldout", float)
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
@@ -166,7 +177,8 @@ def list_corpora(db) -> list[dict]:
 def create_corpus(db, name: str, root: str, ignore: list[str] | None = None, options: dict | None = None) -> dict:
     corpus_id = db["corpora"].insert(
         {"name": name, "root": root, "created": time.time(), "ignore": json.dumps(ignore or []),
-         "options": json.dumps(options or {}), "current_version": None, "watch": 0}
+         "options": json.dumps(options or {}), "current_version": None, "watch": 0,
+         "uid": uuid.uuid4().hex}
     ).last_pk
     return _decode_corpus(db["corpora"].get(corpus_id))
 
@@ -188,7 +200,8 @@ def rename_corpus(db, name: str, new_name: str) -> None:
 
 
 def delete_corpus(db, corpus_id: int) -> None:
-    """Forget a corpus and everything recorded about it (files on disk are untouched)."""
+    """Forget a corpus and everything recorded about it (its folder is untouched; the data files the
+    app made for it are removed by `engine.library.remove_corpus`)."""
     with db.atomic():
         version_ids = [v["id"] for v in db["versions"].rows_where("corpus_id = ?", [corpus_id])]
         run_ids = [r["id"] for r in db["runs"].rows_where("corpus_id = ?", [corpus_id])]

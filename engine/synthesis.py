@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine.conversations import Conversation
+from engine.decoding import loop_start, stop_ids
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt
 
@@ -87,18 +88,6 @@ def fill_seed(seed: str, chunk, rng: random.Random) -> str | None:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], seed)
 
 
-def loop_start(ids: list[int], n: int = 6, times: int = 3) -> int | None:
-    """Where an answer starts saying the same n tokens for the `times`-th time (greedy decoding of a small
-    model falls into loops); None when it does not loop. The answer is cut there."""
-    seen: dict[tuple, int] = {}
-    for i in range(len(ids) - n + 1):
-        gram = tuple(ids[i:i + n])
-        seen[gram] = seen.get(gram, 0) + 1
-        if seen[gram] >= times:
-            return i
-    return None
-
-
 def kept_answer_length(ids: list[int]) -> int | None:
     """How many answer tokens to keep: all of them, or those before a loop; None (drop the answer) when
     fewer than MIN_ANSWER_TOKENS come before the loop."""
@@ -131,7 +120,10 @@ def load_seed_prompts(assets_dir: Path) -> dict[str, list[str]]:
 
 
 def chunk_system_prompt(chunk) -> str:
-    """The teacher's system prompt for a chunk, with a file-path header if the chunk text has none."""
+    """The teacher's system prompt for a chunk: its teacher context (the whole corpus, or a window
+    around the chunk) when it has one, else the chunk with a file-path header if its text has none."""
+    if getattr(chunk, "context", None):
+        return context_system_prompt(chunk.context)
     text = chunk.text
     files = list(getattr(chunk, "files", []) or [])
     first_line = text.lstrip().split("\n", 1)[0]
@@ -194,15 +186,6 @@ class _Decoded:
     topk_logprobs: np.ndarray | None = None
 
 
-def stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.add(tid)
-    return {i for i in ids if i is not None}
-
-
 def _fork(cache, rows: list[int] | None = None):
     """A new DynamicCache over the same prefix tensors (the model appends by concatenation, so the
     source is never modified), optionally keeping only some batch rows."""
@@ -216,6 +199,25 @@ def _fork(cache, rows: list[int] | None = None):
             keys, values = keys.index_select(0, index), values.index_select(0, index)
         layers.append((keys, values))
     return DynamicCache(ddp_cache_data=layers)
+
+
+class _PrefixCache:
+    """Prefills a batch's system prompts, each distinct prompt once, and keeps the last batch's result:
+    with a corpus-wide teacher every job shares one long prompt, prefilled once for many batches."""
+
+    def __init__(self, lm: LoadedModel, pad_id: int):
+        self.lm, self.pad_id = lm, pad_id
+        self.key, self.cache, self.mask = None, None, None
+
+    def rows(self, prefixes: list[list[int]]):
+        """(cache, mask, row per job): cache rows are the distinct prefixes, never modified by decoding."""
+        distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
+        if distinct != self.key:
+            self.cache = self.mask = None  # free the old prefill before making the next one
+            self.cache, self.mask = _prefill(self.lm, [list(p) for p in distinct], self.pad_id)
+            self.key = distinct
+        index = {p: i for i, p in enumerate(distinct)}
+        return self.cache, self.mask, [index[tuple(p)] for p in prefixes]
 
 
 @torch.no_grad()
@@ -351,6 +353,7 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
     produced = 0
     chunk_iter = iter(chunks)
     exhausted = False
+    prefixes = _PrefixCache(lm, pad_id)
     while produced < n and not exhausted:
         jobs: list[_Job] = []
         while len(jobs) < min(batch_size, n - produced):
@@ -363,7 +366,7 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
             jobs.append(_Job(chunk, prefix))
         if not jobs:
             break
-        cache, prefix_mask = _prefill(lm, [j.prefix for j in jobs], pad_id)
+        cache, prefix_mask, row_of = prefixes.rows([j.prefix for j in jobs])
 
         # Turn 1: a user message per chunk, sampled; a rejected one is retried once with another seed.
         pending = list(range(len(jobs)))
@@ -383,7 +386,8 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
             if any(not s for s in suffixes):
                 raise UserError("this model's chat template does not render the system turn as a prefix of the "
                                 "conversation, which self-study relies on; use another model")
-            decoded = _decode(lm, _fork(cache, asking), prefix_mask[asking], suffixes, max_user_tokens,
+            rows = [row_of[i] for i in asking]
+            decoded = _decode(lm, _fork(cache, rows), prefix_mask[rows], suffixes, max_user_tokens,
                               temperature=temperature, k=0, stop=stop, pad_id=pad_id,
                               generator=generator) if asking else []
             for i, d in zip(asking, decoded):
@@ -404,7 +408,8 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
 
         # Turn 2: the greedy answer with the teacher's top-k, from the same prefix KV.
         suffixes = [suffix_of[i] for i in good]
-        decoded = _decode(lm, _fork(cache, good), prefix_mask[good], suffixes, max_answer_tokens,
+        rows = [row_of[i] for i in good]
+        decoded = _decode(lm, _fork(cache, rows), prefix_mask[rows], suffixes, max_answer_tokens,
                           temperature=0.0, k=k, stop=stop, pad_id=pad_id, generator=generator)
         del cache
         for i, d in zip(good, decoded):

@@ -41,8 +41,10 @@ CONTEXT_MARGIN = 320  # template, seed prompt and headers on top of the chunk an
 
 
 def context_size_for(chunks: Iterable, max_user_tokens: int, max_answer_tokens: int, limit: int = 8192) -> int:
-    """A llama.cpp context large enough for the longest chunk plus both turns (multiple of 256)."""
-    longest = max((int(getattr(c, "n_tokens", 0) or 0) for c in chunks), default=0) or 2048
+    """A llama.cpp context large enough for the longest teacher prompt (chunk, window or whole corpus)
+    plus both turns (multiple of 256)."""
+    longest = max((max(int(getattr(c, "n_tokens", 0) or 0), int(getattr(c, "context_tokens", 0) or 0))
+                   for c in chunks), default=0) or 2048
     need = longest + max(max_user_tokens, 128) + max_answer_tokens + CONTEXT_MARGIN
     return min(limit, max(1024, -(-need // 256) * 256))
 

@@ -25,6 +25,9 @@ from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids
 
 LOSS_ON = ("assistant", "all")
+TEACHERS = ("corpus", "chunk")
+LR_SCHEDULES = ("constant", "cosine")
+INITS = ("first", "spread")
 
 
 @dataclass
@@ -42,6 +45,13 @@ class TrainConfig:
     max_tokens: int = 1024  # cap on one conversation's student tokens (prompt + answer)
     max_answer_tokens: int = 192  # synthesis: answer length cap
     max_user_tokens: int = 96  # synthesis: user message length cap
+    teacher: str = "corpus"  # "corpus": the teacher answers with the whole corpus (a window when too long); "chunk"
+    teacher_tokens: int = 0  # cap on the teacher's corpus window (0: as much as the model's context allows)
+    lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to a tenth
+    warmup: float = 0.05  # share of the steps spent warming up (cosine schedule)
+    init: str = "first"  # cartridge start: KV of the corpus's "first" p tokens, or of excerpts "spread" across it
+    heldout: float = 0.1  # share of conversations kept out of training to score the cartridge
+    eval_every: int = 12  # steps between held-out scorings (the best state is kept)
 
     def total_steps(self, n_conversations: int) -> int:
         if self.steps is not None:
@@ -93,6 +103,7 @@ class TrainResult:
     tokens_per_s: float
     stopped: bool = False
     losses: list[float] = field(default_factory=list)
+    heldout: dict | None = None  # see BestState.to_json: the held-out score of the returned state
 
 
 # ----------------------------------------------------------------------------- batches
@@ -106,6 +117,7 @@ class _Example:
     topk_logprobs: np.ndarray
     hard_positions: list[int]  # loss_on="all": positions predicting a user-turn token ...
     hard_targets: list[int]  # ... and those tokens
+    targets: list[int] = field(default_factory=list)  # the teacher's answer token at each of `positions`
 
 
 def _user_positions(tokenizer, user: str, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -139,7 +151,7 @@ def _example(lm: LoadedModel, conv: Conversation, cfg: TrainConfig, p: int) -> _
     hard_pos, hard_tgt = ([], [])
     if cfg.loss_on == "all":
         hard_pos, hard_tgt = _user_positions(lm.tokenizer, conv.user, prompt)
-    return _Example(ids, positions, conv.topk_ids[:n], conv.topk_logprobs[:n], hard_pos, hard_tgt)
+    return _Example(ids, positions, conv.topk_ids[:n], conv.topk_logprobs[:n], hard_pos, hard_tgt, answer)
 
 
 def _collate(examples: list[_Example], pad_id: int, device: torch.device) -> dict:
@@ -149,13 +161,14 @@ def _collate(examples: list[_Example], pad_id: int, device: torch.device) -> dic
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     keep = torch.zeros((len(examples), width), dtype=torch.bool)
     hard_keep = torch.zeros((len(examples), width), dtype=torch.bool)
-    topk_ids, topk_lp, hard_targets = [], [], []
+    topk_ids, topk_lp, hard_targets, targets = [], [], [], []
     for row, e in enumerate(examples):
         ids[row, : len(e.ids)] = torch.tensor(e.ids)
         mask[row, : len(e.ids)] = 1
         keep[row, e.positions] = True
         topk_ids.append(torch.from_numpy(np.asarray(e.topk_ids, dtype=np.int64)))
         topk_lp.append(torch.from_numpy(np.asarray(e.topk_logprobs, dtype=np.float32)))
+        targets.extend(e.targets)
         if e.hard_positions:
             hard_keep[row, e.hard_positions] = True
             hard_targets.extend(e.hard_targets)
@@ -168,6 +181,7 @@ def _collate(examples: list[_Example], pad_id: int, device: torch.device) -> dic
         "topk_ids": torch.cat(topk_ids).to(device),
         "topk_logprobs": torch.cat(topk_lp).to(device),
         "hard_targets": torch.tensor(hard_targets, dtype=torch.long, device=device),
+        "targets": torch.tensor(targets, dtype=torch.long, device=device),
         "n_tokens": int(mask.sum()),
     }
 
@@ -234,6 +248,78 @@ def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
     return per_token.mean()
 
 
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of `step` as a share of cfg.lr: a pure function of the step, so resuming is exact."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    warm = max(1, round(cfg.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- held-out score
+
+
+def split_heldout(conversations: list[Conversation], share: float, seed: int) -> tuple[list, list]:
+    """(training, held-out): a seeded `share` of the conversations (at least 2, at most 32; none when
+    fewer than 10 or share is 0) kept out of training so the cartridge can be scored on questions it never saw."""
+    n = len(conversations)
+    if share <= 0 or n < 10:
+        return list(conversations), []
+    count = min(32, max(2, round(n * share)))
+    held = set(np.random.default_rng([seed, 7]).choice(n, size=count, replace=False).tolist())
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+@torch.no_grad()
+def _answer_nll(model, batches: list[dict], autocast) -> float:
+    """Mean per-token NLL of the teacher's answer tokens under `model` (the cartridge model, or the bare base)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = _supervised_logits(model, batch, autocast)
+        soft = torch.log_softmax(logits.float(), dim=-1)[batch["is_soft"]]
+        total += float(-soft.gather(-1, batch["targets"][:, None]).sum())
+        count += int(batch["targets"].numel())
+    return total / max(1, count)
+
+
+def _teacher_nll(examples: list[_Example]) -> float:
+    """The teacher's own NLL of its (greedy) answers, from the stored top-k rows."""
+    values = []
+    for e in examples:
+        ids, lp = np.asarray(e.topk_ids), np.asarray(e.topk_logprobs, dtype=np.float32)
+        match = ids == np.asarray(e.targets)[:, None]
+        values.extend(np.where(match.any(1), -(lp * match).sum(1), -lp[:, -1]).tolist())
+    return float(np.mean(values)) if values else float("nan")
+
+
+class HeldOut:
+    """Scores a cartridge on held-out conversations: `score = (none - cartridge) / (none - teacher)`,
+    the share of the teacher's advantage (over the bare model) that the cartridge recovers."""
+
+    def __init__(self, lm: LoadedModel, conversations: list[Conversation], cfg: TrainConfig, p: int, pad_id: int):
+        cfg = cfg.replace(loss_on="assistant")
+        examples = [e for c in conversations if (e := _example(lm, c, cfg, p)) is not None]
+        size = max(1, cfg.batch_size)
+        self.batches = [_collate(examples[i:i + size], pad_id, lm.device) for i in range(0, len(examples), size)]
+        self.autocast = lm.autocast
+        self.teacher = _teacher_nll(examples)
+        self.none = _answer_nll(lm.model, self.batches, lm.autocast()) if self.batches else float("nan")
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    def nll(self, peft_model) -> float:
+        return _answer_nll(peft_model, self.batches, self.autocast())
+
+    def score(self, nll: float) -> float | None:
+        gain = self.none - self.teacher
+        return round((self.none - nll) / gain, 4) if gain > 1e-6 else None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -258,8 +344,10 @@ def _checkpoint_identity(cfg: TrainConfig, peft_model, lm: LoadedModel, n_conver
     }
 
 
-def save_checkpoint(folder: Path, step: int, peft_model, optimizer, identity: dict, losses: list[float]) -> None:
-    """Weights + Adam moments as safetensors, then a JSON that names them (written last, atomically)."""
+def save_checkpoint(folder: Path, step: int, peft_model, optimizer, identity: dict, losses: list[float],
+                    tracker: "BestState | None" = None) -> None:
+    """Weights + Adam moments (+ the best held-out state so far) as safetensors, then a JSON that names
+    them (written last, atomically)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -269,10 +357,12 @@ def save_checkpoint(folder: Path, step: int, peft_model, optimizer, identity: di
     for name in ("exp_avg", "exp_avg_sq"):
         if name in state:
             tensors[f"adam.{name}"] = state[name].detach().cpu().contiguous()
+    if tracker is not None and tracker.weight is not None:
+        tensors["best.weight"] = tracker.weight.contiguous()
     name = f"ckpt-{step:07d}.safetensors"
     save_file(tensors, str(folder / name))
     meta = {**identity, "step": step, "adam_step": float(state["step"]) if "step" in state else 0.0,
-            "weights": name, "losses": losses}
+            "weights": name, "losses": losses, "heldout": tracker.to_json() if tracker is not None else None}
     tmp = folder / f".{CHECKPOINT_JSON}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, folder / CHECKPOINT_JSON)
@@ -281,8 +371,9 @@ def save_checkpoint(folder: Path, step: int, peft_model, optimizer, identity: di
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict) -> tuple[int, list[float]]:
-    """Restore weights and Adam state; returns (step, losses). No checkpoint: (0, [])."""
+def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict,
+                    tracker: "BestState | None" = None) -> tuple[int, list[float]]:
+    """Restore weights, Adam state and the best held-out state; returns (step, losses). No checkpoint: (0, [])."""
     from safetensors.torch import load_file
 
     path = folder / CHECKPOINT_JSON
@@ -296,7 +387,7 @@ def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict) -> tupl
     for key in ("p", "num_frozen_tokens", "fingerprint", "n_conversations"):
         if meta.get(key) != identity[key]:
             raise UserError(f"cannot resume: the checkpoint in {folder} has a different {key}; start a fresh run")
-    for key in ("batch_size", "lr", "seed", "loss_on", "max_tokens"):
+    for key in ("batch_size", "lr", "seed", "loss_on", "max_tokens", "lr_schedule", "warmup"):
         if meta["config"].get(key) != identity["config"][key]:
             raise UserError(f"cannot resume: the checkpoint in {folder} used a different {key}; start a fresh run")
     param = _trainable(peft_model)
@@ -307,7 +398,52 @@ def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict) -> tupl
             "exp_avg": tensors["adam.exp_avg"].to(param.device),
             "exp_avg_sq": tensors["adam.exp_avg_sq"].to(param.device),
         }
+    if tracker is not None and meta.get("heldout"):
+        tracker.restore(meta["heldout"], tensors.get("best.weight"))
     return int(meta["step"]), list(meta.get("losses", []))
+
+
+class BestState:
+    """The cartridge state with the lowest held-out NLL seen so far (the initialisation included), so that
+    training can never hand back a cartridge worse than the one it started from."""
+
+    def __init__(self, heldout: HeldOut | None):
+        self.heldout = heldout
+        self.nll: float | None = None
+        self.init: float | None = None
+        self.step = 0
+        self.weight: torch.Tensor | None = None
+        self.curve: list[list[float]] = []  # [step, held-out nll]
+
+    def observe(self, step: int, peft_model) -> float | None:
+        if not self.heldout:
+            return None
+        nll = self.heldout.nll(peft_model)
+        self.curve.append([step, round(nll, 5)])
+        if self.init is None:
+            self.init = nll
+        if self.nll is None or nll < self.nll:
+            self.nll, self.step = nll, step
+            self.weight = _encoder(peft_model).weight.detach().float().cpu().clone()
+        return nll
+
+    def apply(self, peft_model) -> None:
+        if self.weight is not None:
+            _encoder(peft_model).load_prompt_embeddings(self.weight)
+
+    def to_json(self) -> dict | None:
+        if not self.heldout or self.nll is None:
+            return None
+        h = self.heldout
+        return {"score": h.score(self.nll), "nll_none": round(h.none, 5), "nll_teacher": round(h.teacher, 5),
+                "nll_init": round(self.init, 5), "nll_cartridge": round(self.nll, 5), "init_score": h.score(self.init),
+                "best_step": self.step, "conversations": sum(int(b["input_ids"].shape[0]) for b in h.batches),
+                "curve": self.curve}
+
+    def restore(self, saved: dict, weight: torch.Tensor | None) -> None:
+        self.nll, self.init, self.step = saved["nll_cartridge"], saved["nll_init"], saved["best_step"]
+        self.curve = [list(c) for c in saved.get("curve", [])]
+        self.weight = weight.float() if weight is not None else None
 
 
 # ----------------------------------------------------------------------------- loop
@@ -323,14 +459,19 @@ def distill(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    heldout: list[Conversation] | None = None,
 ) -> TrainResult:
     """Train the cartridge of `peft_model` on self-study conversations; returns what was done.
 
     `should_stop()` is checked before every step (and Ctrl-C is caught): the loop then saves a
-    checkpoint (if it has a folder) and returns with `stopped=True`.
+    checkpoint (if it has a folder) and returns with `stopped=True`. With `heldout` conversations, the
+    cartridge is scored on them before training, every `cfg.eval_every` steps and at the end, and the
+    best-scoring state is the one left in `peft_model`.
     """
     if cfg.loss_on not in LOSS_ON:
         raise UserError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     p = _encoder(peft_model).num_frozen_tokens + _encoder(peft_model).num_trainable_tokens
     examples = [e for c in conversations if (e := _example(lm, c, cfg, p)) is not None]
     if not examples:
@@ -342,12 +483,15 @@ def distill(
     identity = _checkpoint_identity(cfg, peft_model, lm, len(examples))
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    tracker = BestState(HeldOut(lm, heldout, cfg, p, pad_id) if heldout else None)
     start, losses = (0, [])
     if resume and checkpoint_dir is not None:
-        start, losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, identity)
+        start, losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, identity, tracker)
 
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     peft_model.eval()  # no dropout: the only thing that learns is the cartridge
+    if start == 0:
+        tracker.observe(0, peft_model)
     began = time.perf_counter()
     tokens_seen = 0
     step = start
@@ -360,23 +504,32 @@ def distill(
             batch = _collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)],
                              pad_id, lm.device)
             optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, step, total)
             loss = distill_loss(peft_model, batch, lm.autocast())
             loss.backward()
             optimizer.step()
             step += 1
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                tracker.observe(step, peft_model)
             losses.append(float(loss.detach()))
             tokens_seen += batch["n_tokens"]
             elapsed = time.perf_counter() - began
             if on_step is not None:
                 done = step - start
                 on_step(StepMetrics(step=step, total_steps=total, loss=losses[-1], tokens_per_s=tokens_seen / elapsed,
-                                    lr=cfg.lr, elapsed_s=elapsed, eta_s=elapsed / done * (total - step)))
+                                    lr=optimizer.param_groups[0]["lr"], elapsed_s=elapsed,
+                                    eta_s=elapsed / done * (total - step)))
             if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses)
+                save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses, tracker)
     except KeyboardInterrupt:
         stopped = True
     if stopped and checkpoint_dir is not None and step > start:
-        save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses)
+        save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses, tracker)
+    if not stopped:
+        if tracker.heldout and (not tracker.curve or tracker.curve[-1][0] != step):
+            tracker.observe(step, peft_model)
+        tracker.apply(peft_model)
     seconds = time.perf_counter() - began
     head, tail = losses[:5], losses[-5:]
     return TrainResult(
@@ -387,4 +540,5 @@ def distill(
         tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
         stopped=stopped,
         losses=losses,
+        heldout=tracker.to_json(),
     )

@@ -214,7 +214,7 @@ def test_ingest_train_chat_history_eval(tmp_path):
         table = client.predict(None, api_name="/refresh_library")[0]
         [row] = rows_of(table)
         assert row[0] == "sample" and row[1] == "ready" and row[2] == "v1" and row[7] == 8
-        assert row[6].endswith(" MB") and row[8] != "–"
+        assert row[6].endswith(" MB") and row[9] != "–"  # trained when
 
         # a streamed answer, saved with what answered and how fast
         streaming = client.submit("What are the opening hours on Saturday?", None, ["sample"], "", "cartridge", 24,
@@ -271,15 +271,18 @@ def test_ingest_train_chat_history_eval(tmp_path):
         assert remaining and chat_id not in remaining
 
         # evaluation: none / icl / untrained / cartridge side by side, remembered in the library
-        summary, chart, figures, result = client.predict("sample", "", handle_file(str(qa)),
-                                                         ["none", "icl", "init", "cartridge"], api_name="/evaluate")
+        summary, chart, accuracy, figures, result = client.predict(
+            "sample", "", handle_file(str(qa)), ["none", "icl", "init", "cartridge"], api_name="/evaluate")
         assert set(result["modes"]) == {"none", "icl", "init", "cartridge"} and result["questions"] == 2
+        # The sample questions carry expected strings: every mode also answers them and is graded.
+        assert result["graded"] == 2 and all(0 <= m["accuracy"] <= 1 for m in result["modes"].values())
+        assert len(accuracy["data"]) == 4 and rows_of(figures)[0][1].endswith("%")
         assert [r[0] for r in rows_of(figures)] == ["none (no corpus)", "icl (folder in context)",
                                                     "untrained cartridge", "cartridge"]
         assert len(chart["data"]) == 4 and "sample v1 · 2 questions" in summary
         assert "Training moved the answer NLL" in summary
         table = client.predict(None, api_name="/refresh_library")[0]
-        assert rows_of(table)[0][9].startswith("v1: NLL")
+        assert rows_of(table)[0][10].startswith("v1: NLL")
 
 
 def _serve(argv, env):

@@ -24,7 +24,9 @@ from engine.ingest import ingest
 from engine.watcher import EventFilter, start_watchers
 
 QUIET = 1.0
-TINY = dict(p=8, conversations=2, steps=1, batch_size=1, chunk_tokens=64, max_user_tokens=48, max_answer_tokens=8)
+# A chunk teacher: conversations depend on their chunk's files only, so an edit keeps the others (incremental).
+TINY = dict(p=8, conversations=2, steps=1, batch_size=1, chunk_tokens=64, max_user_tokens=48, max_answer_tokens=8,
+            teacher="chunk")
 TINY_FLAGS = ["--tokens", "8", "--conversations", "2", "--steps", "1", "--batch-size", "1", "--chunk-tokens", "64"]
 SAMPLE = (ROOT / "assets" / "sample" / "handbook.md").read_text(encoding="utf-8")
 
@@ -383,5 +385,33 @@ def test_kill_during_retrain_keeps_previous_version_and_next_start_recovers(shar
         assert last["id"] != run["id"] and last["status"] == "done"
         assert json.loads(last["config"])["incremental"]["from_version"] == before
         assert "interrupted" in event_kinds(db, corpus)
+    finally:
+        service.stop()
+
+
+def test_a_clearly_worse_retrain_is_kept_but_not_made_current(shared):
+    from engine.jobs import TrainingQueue
+    from engine.pipeline import WORSE_MARGIN
+
+    db, corpus, root, _ = shared
+    before = registry.get_corpus(db, "vault")["current_version"]
+    serving = registry.get_version(db, corpus, before)
+    # The serving cartridge's stored held-out score is set to the best possible, 1.0, so that the retrain's
+    # real score (from its own held-out conversations) is clearly below it.
+    registry.update_version(db, serving["id"], heldout=1.0)
+    service = started(TrainingQueue(), db, corpus, **{**TINY, "conversations": 12})  # 12: some are held out
+    try:
+        began = time.time()
+        write(root, "note2.md", SAMPLE[1500:1900] + f"\nan edit at {began}\n")
+        latest = wait_for(lambda: (row := registry.latest_version(db, corpus["id"]))["number"] > before
+                          and row["status"] in ("ready", "failed") and row, 300, "the retrain", interval=0.5)
+        assert latest["status"] == "ready", latest["error"]
+        assert latest["heldout"] is not None and latest["heldout"] < 1.0 - WORSE_MARGIN
+        assert registry.get_corpus(db, "vault")["current_version"] == before  # the better version keeps serving
+        kept = [e for e in registry.list_events(db, corpus["id"], limit=50) if e["kind"] == "kept_previous"]
+        assert kept and f"v{before} keeps serving" in kept[0]["message"]
+        # The user can still choose the new version.
+        registry.set_current_version(db, registry.get_corpus(db, "vault"), latest["number"])
+        assert registry.get_corpus(db, "vault")["current_version"] == latest["number"]
     finally:
         service.stop()

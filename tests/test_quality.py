@@ -1,0 +1,179 @@
+"""Answer quality machinery: the loop guard, eval accuracy, the held-out score, best-state keeping and
+the corpus-wide teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ASSETS, run_cli, write
+from engine.cartridge import cartridge_embeddings, create_cartridge_model
+from engine.decoding import LoopGuard, contains_all, loop_start, stop_ids
+from engine.training import HeldOut, TrainConfig, distill, split_heldout
+from tests.test_training import CORPUS, teacher_conversations
+from tests.tiny_model import tiny_lm
+
+
+# -- the loop guard ---------------------------------------------------------------------------------
+
+def test_loop_guard_cuts_where_the_repetition_began():
+    guard = LoopGuard()
+    answer = [5, 6] + [1, 2, 3] * 6 + [9]
+    for token in answer:
+        guard.add(token)
+        if guard.stop:
+            break
+    assert guard.stop and guard.kept() == [5, 6, 1, 2, 3]
+    assert loop_start(guard.kept()) is None
+
+
+def test_loop_guard_bans_repeated_ngrams():
+    guard = LoopGuard(no_repeat_ngram=3)
+    for token in [1, 2, 3, 4, 1, 2]:
+        guard.add(token)
+    assert guard.banned() == [3]  # "1 2 3" was said already
+    assert LoopGuard(no_repeat_ngram=0).banned() == []
+
+
+LOOP_PROMPT = "Where is the dinghy moored?"  # the bundled model answers this with a loop when unguarded
+
+
+def test_the_bundled_model_loops_on_the_test_prompt_without_the_guard():
+    from engine.llamacpp import LlamaCppEngine
+    from engine.models import chat_ids
+    from engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    with LlamaCppEngine(n_ctx=1024) as llama:
+        ids = chat_ids(tokenizer, [{"role": "user", "content": LOOP_PROMPT}], add_generation_prompt=True)
+        free = llama.generate(ids, max_new_tokens=160, stop_ids=stop_ids(tokenizer))
+        guard = LoopGuard()
+        llama.generate(ids, max_new_tokens=160, stop_ids=stop_ids(tokenizer), guard=guard)
+    assert loop_start(free) is not None
+    assert guard.stop and loop_start(guard.kept()) is None and len(guard.kept()) < len(free)
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "torch"])
+def test_chat_answers_end_cleanly_with_and_without_a_cartridge(cartridge_home, engine):
+    from engine.tokenizer import load_tokenizer
+
+    assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
+    flags = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2"]
+    assert run_cli("train", "sample", *flags, env_home=cartridge_home).returncode == 0
+    tokenizer = load_tokenizer(None)
+    for mode in ("none", "cartridge"):
+        proc = run_cli("chat", "sample", "--mode", mode, "--engine", engine, "--json", "--max-tokens", "160",
+                       "--prompt", LOOP_PROMPT, env_home=cartridge_home)
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)["answer"]
+        assert answer and loop_start(tokenizer(answer, add_special_tokens=False)["input_ids"]) is None, (mode, answer)
+
+
+# -- eval accuracy ----------------------------------------------------------------------------------
+
+def test_eval_accuracy_counts_answers_holding_every_expected_string(tmp_path, cartridge_home):
+    assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
+    qa = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(x) for x in [
+        {"question": "What is the capital of France?", "answer": "The capital of France is Paris.",
+         "expect": ["paris"]},
+        {"question": "What is the capital of France?", "answer": "The capital of France is Paris.",
+         "expect": ["Paris", "Zanzibar-9"]},
+        {"question": "What colour is the sky?", "answer": "The sky is blue."},
+    ]) + "\n")
+    proc = run_cli("eval", "sample", "--qa", str(qa), "--modes", "none", "--engine", "torch", "--json",
+                   env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    none = doc["modes"]["none"]
+    assert doc["graded"] == 2 and doc["answer_tokens"] > 0 and len(none["per_question"]) == 3
+    assert [a["correct"] for a in none["answers"]] == [True, False], none["answers"]
+    assert none["accuracy"] == 0.5
+    plain = run_cli("eval", "sample", "--qa", str(qa), "--modes", "none", "--engine", "torch", env_home=cartridge_home)
+    assert plain.returncode == 0 and "accuracy  50.0%" in plain.stdout, plain.stdout
+
+    bad = write(tmp_path, "bad.jsonl", json.dumps({"question": "q", "answer": "a", "expect": "Paris"}) + "\n")
+    proc = run_cli("eval", "sample", "--qa", str(bad), "--modes", "none", env_home=cartridge_home)
+    assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_contains_all_ignores_case():
+    assert contains_all("Opens at 9:00 AM on MONDAYS", ["mondays", "9:00"])
+    assert not contains_all("Opens at 9:00", ["9:00", "Monday"])
+
+
+def test_sample_qa_expect_strings_are_not_in_their_questions():
+    lines = [json.loads(line) for line in (ASSETS / "sample_qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(lines) >= 30 and all(line.get("expect") for line in lines)
+    for line in lines:
+        for expected in line["expect"]:
+            assert expected.lower() not in line["question"].lower(), line
+            assert expected.lower() in line["answer"].lower(), line
+
+
+# -- held-out score and best state ------------------------------------------------------------------
+
+def test_heldout_split_is_seeded_and_disjoint():
+    items = [f"conversation {i}" for i in range(40)]
+    train, held = split_heldout(items, 0.1, seed=3)
+    assert len(held) == 4 and len(train) == 36 and not set(train) & set(held)
+    assert split_heldout(items, 0.1, seed=3) == (train, held)
+    assert split_heldout(items[:9], 0.1, seed=3) == (items[:9], [])  # too few to spare any
+
+
+def test_training_keeps_the_best_heldout_state():
+    lm = tiny_lm(seed=1)
+    convs = teacher_conversations(lm) * 3
+    train, held = convs[:8], convs[8:]
+    peft_model = create_cartridge_model(lm, 8, CORPUS)
+    cfg = TrainConfig(p=8, steps=8, batch_size=2, lr=3.0, eval_every=2)  # a rate that overshoots
+    result = distill(peft_model, lm, train, cfg, heldout=held)
+    h = result.heldout
+    assert [step for step, _ in h["curve"]] == [0, 2, 4, 6, 8]
+    assert h["nll_cartridge"] == min(nll for _, nll in h["curve"]) <= h["nll_init"]
+    scorer = HeldOut(lm, held, cfg, 8, lm.tokenizer.pad_token_id)
+    assert scorer.nll(peft_model) == pytest.approx(h["nll_cartridge"], abs=1e-4)  # the kept state is the best
+    assert h["score"] == scorer.score(h["nll_cartridge"])
+    saved = cartridge_embeddings(peft_model)
+    assert torch.isfinite(saved).all()
+
+
+def test_train_reports_and_stores_the_heldout_score(tmp_path, cartridge_home):
+    assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
+    flags = ["--tokens", "16", "--conversations", "12", "--steps", "4", "--chunk-tokens", "96", "--batch-size", "2"]
+    proc = run_cli("train", "sample", *flags, "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    detail = doc["heldout_detail"]
+    assert doc["conversations"] == 10 and detail["conversations"] == 2  # two of the twelve held out
+    assert doc["heldout"] == detail["score"] and detail["nll_cartridge"] <= detail["nll_init"]
+    versions = json.loads(run_cli("versions", "sample", "--json", env_home=cartridge_home).stdout)["versions"]
+    assert versions[-1]["heldout"] == doc["heldout"]
+    plain = run_cli("versions", "sample", env_home=cartridge_home).stdout
+    assert "held-out" in plain
+
+
+# -- the corpus-wide teacher ------------------------------------------------------------------------
+
+def test_teacher_sees_the_whole_corpus_or_a_window_around_the_chunk():
+    from engine.corpus import ChunkSampler, Document
+    from engine.models import context_system_prompt
+    from engine.synthesis import chunk_system_prompt
+
+    docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(300)))
+            for i in range(6)]
+    sampler = ChunkSampler(docs)
+    chunks = sampler.sample_many(12, 64, seed=1)
+    whole = sampler.with_teacher_context(chunks, sampler.n_tokens + 10)
+    assert all(chunk_system_prompt(c) == context_system_prompt(sampler.text) for c in whole)
+    assert all(c.files == [d.path for d in docs] for c in whole)  # the answer may use any file
+
+    budget = sampler.n_tokens // 3
+    windowed = sampler.with_teacher_context(sampler.sample_many(12, 64, seed=2), budget)
+    starts = [w[0] for w in sampler.teacher_windows(budget)]
+    order = [starts.index(next(s for s, e in sampler.teacher_windows(budget) if c.context_tokens and
+                               sampler.span(s, e - s).text == c.context)) for c in windowed]
+    assert order == sorted(order)  # grouped by window, so each window's prompt is evaluated once
+    for c in windowed:
+        assert c.text.split("\n", 1)[-1][:40] in c.context and c.context_tokens <= budget
