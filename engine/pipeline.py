@@ -78,23 +78,35 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
     return cfg
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is no such process."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:
+        return 0.0  # exists, but we may not look at it: count it as alive
+
+
+def run_alive(run: dict) -> bool:
+    """Is the process that runs `run` still the one that started it? A pid alone is not enough: after a
+    reboot another process may have the same pid, so its start time must match too."""
+    if not run["pid"]:
         return False
-    except PermissionError:
-        return True
-    return True
+    started = process_started(run["pid"])
+    if started is None:
+        return False
+    recorded = run.get("pid_started")
+    return recorded is None or started == 0.0 or abs(started - recorded) < 1.0
 
 
 def recover_interrupted(db) -> list[int]:
     """Mark runs whose process is gone as interrupted (and their versions, unless ready). Returns their ids."""
     found = []
     for run in registry.list_runs(db, status="running"):
-        if run["pid"] == os.getpid() or _pid_alive(run["pid"]):
+        if run_alive(run):
             continue
         registry.finish_run(db, run["id"], "interrupted", error="the training process stopped unexpectedly")
         version = db["versions"].get(run["version_id"])
@@ -275,9 +287,6 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     row = registry.get_version(db, corpus, version) if version is not None else registry.latest_version(db, corpus["id"])
     if row is None:
         raise UserError(f"corpus {corpus_name!r} has no version yet; run `cartridge ingest`")
-    running = [r for r in registry.list_runs(db, corpus["id"], status="running")]
-    if running:
-        raise UserError(f"{corpus_name!r} is already training (run {running[0]['id']})")
 
     previous = None
     if resume:
@@ -298,11 +307,12 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     report(Progress("load", message=f"loading model {model or 'default'}"))
     lm = load_model(model, device)
     config_doc = {"train": asdict(cfg), "preset": preset, "model": model, "device": str(lm.device)}
-    if previous:
-        run_id = previous["id"]
-        db["runs"].update(run_id, {"status": "running", "pid": os.getpid(), "finished": None, "error": None})
-    else:
-        run_id = registry.create_run(db, corpus["id"], row["id"], config_doc, pid=os.getpid())
+    try:
+        run_id = registry.start_run(db, corpus["id"], row["id"], config_doc, pid=os.getpid(),
+                                    pid_started=process_started(os.getpid()),
+                                    resume_run=previous["id"] if previous else None)
+    except UserError:
+        raise UserError(f"{corpus_name!r} is already training; wait for it or stop it first") from None
     was_ready = row["status"] == "ready"  # retraining a ready version: its cartridge keeps serving meanwhile
     if not was_ready:
         registry.update_version(db, row["id"], status="training", error=None)

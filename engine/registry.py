@@ -99,6 +99,12 @@ def m004_corpus_uid_and_heldout(db: sqlite_utils.Database) -> None:
     db["versions"].add_column("heldout", float)
 
 
+@migration
+def m005_run_process_start(db: sqlite_utils.Database) -> None:
+    """When the process of a run started: with the pid, it tells a live run from a reused pid."""
+    db["runs"].add_column("pid_started", float)
+
+
 def schema_version(db: sqlite_utils.Database) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
@@ -307,6 +313,33 @@ def create_run(db, corpus_id: int, version_id: int, config: dict, pid: int | Non
         {"corpus_id": corpus_id, "version_id": version_id, "status": "running", "config": json.dumps(config),
          "started": time.time(), "finished": None, "error": None, "cartridge": None, "summary": None, "pid": pid}
     ).last_pk
+
+
+def start_run(db, corpus_id: int, version_id: int, config: dict, *, pid: int, pid_started: float | None,
+              resume_run: int | None = None) -> int:
+    """Check that the corpus has no running run and mark a new (or resumed) run running, as one
+    exclusive transaction: of two processes starting at once, one gets the run, the other a UserError."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")  # takes the write lock before the check, so no one can slip in between
+    try:
+        busy = conn.execute("SELECT id FROM runs WHERE corpus_id = ? AND status = 'running'", [corpus_id]).fetchone()
+        if busy:
+            raise UserError(f"this corpus is already training (run {busy[0]})")
+        if resume_run is None:
+            cursor = conn.execute(
+                "INSERT INTO runs (corpus_id, version_id, status, config, started, pid, pid_started) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                [corpus_id, version_id, json.dumps(config), time.time(), pid, pid_started])
+            run_id = cursor.lastrowid
+        else:
+            conn.execute("UPDATE runs SET status = 'running', pid = ?, pid_started = ?, finished = NULL, error = NULL "
+                         "WHERE id = ?", [pid, pid_started, resume_run])
+            run_id = resume_run
+        conn.execute("COMMIT")
+        return run_id
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def finish_run(db, run_id: int, status: str, *, error: str | None = None, cartridge: str | None = None,
