@@ -194,12 +194,17 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
                 pass
     lm = load_model(model, device)
     llama = None
-    if engine == "llama.cpp":
-        from engine.inference import choose_engine
-        from engine.llamacpp import LlamaCppEngine
+    from engine.inference import choose_engine
 
-        choose_engine(engine, model)  # refuses models other than the bundled GGUF
-        llama = LlamaCppEngine(n_ctx=lm.max_positions)
+    # Like chat: llama.cpp for the bundled GGUF on a CPU (what answers the user), torch otherwise.
+    if choose_engine(engine, model) == "llama.cpp" and (engine == "llama.cpp" or lm.device.type == "cpu"):
+        from engine.llamacpp import LayoutUnsupported, LlamaCppEngine
+
+        try:
+            llama = LlamaCppEngine(n_ctx=lm.max_positions)
+        except LayoutUnsupported:
+            if engine == "llama.cpp":
+                raise
     if cartridge_folder is not None:
         cartridge = load_cartridge(Path(cartridge_folder), lm)
     documents = version_documents(db, row)
