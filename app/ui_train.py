@@ -85,6 +85,13 @@ def job_card(job: dict) -> str:
             figures = (f"v{outcome['version']} is ready: a cartridge of {outcome['tokens']} tokens from "
                        f"{outcome['conversations']} conversations, {outcome['steps']} steps, loss "
                        f"{outcome['loss_first']:.4f} → {outcome['loss_last']:.4f}, {duration(outcome['seconds'])}")
+            heldout = outcome.get("heldout")
+            score = heldout.get("score") if isinstance(heldout, dict) else heldout
+            if score is not None:
+                figures += (f" · held-out score <b>{score:.0%}</b> (the share of the teacher's advantage it recovers "
+                            f"on self-study questions it never trained on)")
+            if outcome.get("current") is False:
+                figures += " · not made current: it scored clearly worse than the version serving"
         else:
             figures = "finished"
     elif state == "cancelled":
