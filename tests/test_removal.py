@@ -1,0 +1,58 @@
+"""Removing a corpus deletes what the app made for it, and nothing of it reaches a later corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli, write
+from engine import registry
+from engine.conversations import read_conversations
+from engine.pipeline import corpus_folders, synth_dir
+from engine.tokenizer import load_tokenizer
+
+SECRET = "Brackwater Vault code 7781 belongs to Imogen Tarrow"
+TINY = ["--tokens", "8", "--conversations", "4", "--steps", "1", "--chunk-tokens", "64", "--batch-size", "2"]
+
+
+def notes(root, secret: str = ""):
+    for i in range(3):
+        write(root, f"note{i}.md", f"# Note {i}\n\n{secret} " * (3 if secret else 0)
+              + f"The allotment shed number {i} keeps spades, rakes and twine for the spring planting season.\n" * 6)
+    return root
+
+
+def test_removed_corpus_leaves_nothing_and_reaches_no_later_corpus(tmp_path, cartridge_home):
+    private = notes(tmp_path / "private", SECRET)
+    assert run_cli("ingest", str(private), "--name", "notes", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "notes", *TINY, env_home=cartridge_home).returncode == 0, "train private"
+    db = registry.open_registry()
+    first = registry.get_corpus(db, "notes")
+    folders = corpus_folders(first)
+    assert synth_dir(first, 1).is_dir() and any(f.exists() for f in folders)
+
+    proc = run_cli("remove", "notes", "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["removed"] is True
+    assert not any(f.exists() for f in folders)  # conversations, checkpoints and cartridges are gone
+    assert private.is_dir() and len(list(private.iterdir())) == 3  # the user's folder is untouched
+
+    # A new folder under the same name (and, in SQLite, possibly the same row id) starts from nothing.
+    public = notes(tmp_path / "public")
+    assert run_cli("ingest", str(public), "--name", "notes", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "notes", *TINY, env_home=cartridge_home).returncode == 0, "train public"
+    db = registry.open_registry()
+    second = registry.get_corpus(db, "notes")
+    assert second["uid"] != first["uid"]
+    tokenizer = load_tokenizer(None)
+    conversations = read_conversations(synth_dir(second, 1))
+    assert conversations
+    for c in conversations:
+        text = c.user + tokenizer.decode(c.answer_ids.tolist())
+        assert "Brackwater" not in text and "7781" not in text and "Tarrow" not in text, text
+    cartridge = Path(registry.get_version(db, second, 1)["cartridge"])
+    assert cartridge.parent.name == second["uid"]
+    assert json.loads((cartridge / "cartridge.json").read_text())["corpus_root"] == str(public.resolve())
+
+    missing = run_cli("remove", "nope", env_home=cartridge_home)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no corpus named 'nope'")
