@@ -6,8 +6,9 @@
 
 A setting is `NAME: key=value ...` with keys of the training configuration (p, conversations, epochs,
 teacher, lr, lr_schedule, init, loss_on, max_answer_tokens, ...) applied over the preset. All settings
-train the same corpus version in one data home (a fresh temporary one unless --home), so settings with the
-same self-study settings reuse the conversations made first: `synth` says whether a run made its own.
+train the same corpus version in one data home (a fresh temporary one unless --home). A version keeps
+the conversations of one set of self-study settings, so consecutive settings that share them (teacher,
+chunk and answer sizes, seed) reuse the conversations made first; `synth` says whether a run made any.
 Prints, per setting: minutes spent, answer NLL and accuracy (QA lines with "expect") for none / icl /
 init / cartridge, the share of icl's NLL gain recovered, and the cartridge's held-out score. none and icl
 do not depend on the setting and are evaluated once.

@@ -23,7 +23,7 @@ from engine.conversations import count_conversations, read_conversations, write_
 from engine.corpus import ChunkSampler, version_documents
 from engine.errors import UserError
 from engine.paths import cartridges_dir, data_home
-from engine.training import PRESETS, StepMetrics, TrainConfig, split_heldout
+from engine.training import INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, split_heldout
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
 MAX_SYNTHESIS_ROUNDS = 3
@@ -75,6 +75,10 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--tokens must be at least 2")
     if cfg.conversations < 1 or (cfg.steps is not None and cfg.steps < 1):
         raise UserError("--conversations and --steps must be positive")
+    for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
+                                 ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
+        if value not in allowed:
+            raise UserError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
     return cfg
 
 
