@@ -26,8 +26,7 @@ def loop_start(ids: list[int], n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> 
 
 @dataclass(frozen=True)
 class Decoding:
-    """Chat and eval decoding. The defaults are the settings that scored best on the sample QA's
-    accuracy (`benchmarks/bench_decoding.py`)."""
+    """Chat and eval decoding (`benchmarks/bench_decoding.py` compares `no_repeat_ngram` settings)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -45,7 +45,9 @@ class TrainConfig:
     max_tokens: int = 1024  # cap on one conversation's student tokens (prompt + answer)
     max_answer_tokens: int = 192  # synthesis: answer length cap
     max_user_tokens: int = 96  # synthesis: user message length cap
-    teacher: str = "corpus"  # "corpus": the teacher answers with the whole corpus (a window when too long); "chunk"
+    # "chunk": the teacher answers from the sampled chunk; "corpus": from the whole corpus (a window around
+    # the chunk when too long). Measured on the sample with quick: chunk 47.0% of icl's NLL gain, corpus 43.6%.
+    teacher: str = "chunk"
     teacher_tokens: int = 0  # cap on the teacher's corpus window (0: as much as the model's context allows)
     lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to a tenth
     warmup: float = 0.05  # share of the steps spent warming up (cosine schedule)
