@@ -253,8 +253,8 @@ def plan_increment(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents)
     changed = {path for path, sha in current.items() if before.get(path) != sha}
     old = read_conversations(synth_dir(corpus, prev["number"]))
     reused = [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
-    if len(reused) < cfg.conversations // 2:
-        return None  # too little still holds (a corpus-wide teacher saw the changed files): train afresh
+    if cfg.teacher == "corpus" and len(reused) < cfg.conversations // 2:
+        return None  # a corpus-wide teacher saw the changed files in most answers: train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
     share = sum(tokens.get(p, 0) for p in changed) / max(1, sum(tokens.values()))
     n_new = 0 if not changed else max(cfg.batch_size, math.ceil(cfg.conversations * share))

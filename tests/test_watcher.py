@@ -399,7 +399,8 @@ def test_a_clearly_worse_retrain_is_kept_but_not_made_current(shared):
     # The serving cartridge's stored held-out score is set to the best possible, 1.0, so that the retrain's
     # real score (from its own held-out conversations) is clearly below it.
     registry.update_version(db, serving["id"], heldout=1.0)
-    service = started(TrainingQueue(), db, corpus, **{**TINY, "conversations": 12})  # 12: some are held out
+    # A full retrain of 12 conversations, so that some are held out and the new version gets a score.
+    service = started(TrainingQueue(), db, corpus, **{**TINY, "conversations": 12, "incremental": False})
     try:
         began = time.time()
         write(root, "note2.md", SAMPLE[1500:1900] + f"\nan edit at {began}\n")
