@@ -77,11 +77,14 @@ class Scorer:
             self.prefix, self.skip = prefix_embeddings(lm, system_ids), len(system_ids)
             self.system_ids = system_ids
 
+    def messages(self, question: str) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": question}]
+
     @torch.no_grad()
     def nll(self, question: str, answer: str) -> float:
         lm = self.lm
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": question}]
+        messages = self.messages(question)
         prompt = chat_ids(lm.tokenizer, messages, add_generation_prompt=True)
         full = chat_ids(lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         if full[:len(prompt)] != prompt or (self.skip and full[:self.skip] != self.system_ids):
@@ -98,18 +101,16 @@ class Scorer:
         logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
         return float(-logprobs.gather(1, ids[0, first:, None]).mean())
 
-    def prompt_rest(self, question: str) -> list[int]:
-        """The question's prompt ids after what the prefix already holds."""
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": question}]
-        return chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)[self.skip:]
-
     def answer(self, question: str, decoding: Decoding) -> str:
         """The answer generated after the prefix, decoded exactly as chat decodes (loop guard included)."""
         guard = LoopGuard(decoding.no_repeat_ngram)
-        generate(self.lm, self.prefix, self.prompt_rest(question), max_new_tokens=decoding.max_new_tokens,
-                 temperature=decoding.temperature, stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
+        rest = chat_ids(self.lm.tokenizer, self.messages(question), add_generation_prompt=True)[self.skip:]
+        self._generate(rest, decoding, guard)
         return self.lm.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
+
+    def _generate(self, ids: list[int], decoding: Decoding, guard: LoopGuard) -> None:
+        generate(self.lm, self.prefix, ids, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                 stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
 
 
 class LlamaCppScorer(Scorer):
@@ -126,8 +127,7 @@ class LlamaCppScorer(Scorer):
             self.skip = llama.prefix_from_tokens(self.system_ids)
 
     def nll(self, question: str, answer: str) -> float:
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": question}]
+        messages = self.messages(question)
         prompt = chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)
         full = chat_ids(self.lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         rest = full[self.skip:]
@@ -137,11 +137,9 @@ class LlamaCppScorer(Scorer):
         logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
         return float(-logprobs.gather(1, torch.tensor(rest[first:])[:, None]).mean())
 
-    def answer(self, question: str, decoding: Decoding) -> str:
-        guard = LoopGuard(decoding.no_repeat_ngram)
-        self.llama.generate(self.prompt_rest(question), max_new_tokens=decoding.max_new_tokens,
-                            temperature=decoding.temperature, stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
-        return self.lm.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
+    def _generate(self, ids: list[int], decoding: Decoding, guard: LoopGuard) -> None:
+        self.llama.generate(ids, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                            stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
 
 
 @torch.no_grad()
@@ -170,8 +168,7 @@ def llama_time_to_first_token(llama, embeddings: torch.Tensor | None, prompt_ids
 def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
              version: int | None = None, model: str | None = None, device: str | None = None,
              cartridge_folder: Path | None = None, engine: str | None = None,
-             on_progress: Callable[[str, int, int], None] | None = None, decoding: Decoding = EVAL_DECODING,
-             answers: bool = True) -> dict:
+             on_progress: Callable[[str, int, int], None] | None = None, decoding: Decoding = EVAL_DECODING) -> dict:
     """Run the QA file through each mode; returns {"modes": {mode: {nll, accuracy, kv_bytes, ttft_s}},
     "recovered", ...}. Lines with "expect" also get a generated answer per mode (`decoding`, as chat
     decodes but capped at EVAL_ANSWER_TOKENS): `accuracy` is the share containing all their expect strings."""
@@ -214,7 +211,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
         how = (cartridge.meta.get("training") or {}).get("train", {}).get("init", "first")
         prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p, how)))
-    graded = [item for item in qa if item.get("expect")] if answers else []
+    graded = [item for item in qa if item.get("expect")]
     results: dict[str, dict] = {}
     for mode in modes:
         system = context_system_prompt(corpus_text) if mode == "icl" else None

@@ -207,7 +207,7 @@ def rename_corpus(db, name: str, new_name: str) -> None:
 
 def delete_corpus(db, corpus_id: int) -> None:
     """Forget a corpus and everything recorded about it (its folder is untouched; the data files the
-    app made for it are removed by `engine.library.remove_corpus`)."""
+    app made for it are removed by `engine.pipeline.remove_corpus`)."""
     with db.atomic():
         version_ids = [v["id"] for v in db["versions"].rows_where("corpus_id = ?", [corpus_id])]
         run_ids = [r["id"] for r in db["runs"].rows_where("corpus_id = ?", [corpus_id])]
@@ -307,13 +307,6 @@ def set_current_version(db, corpus: dict, number: int) -> None:
 
 
 # -- training runs ---------------------------------------------------------------------------------
-
-def create_run(db, corpus_id: int, version_id: int, config: dict, pid: int | None = None) -> int:
-    return db["runs"].insert(
-        {"corpus_id": corpus_id, "version_id": version_id, "status": "running", "config": json.dumps(config),
-         "started": time.time(), "finished": None, "error": None, "cartridge": None, "summary": None, "pid": pid}
-    ).last_pk
-
 
 def start_run(db, corpus_id: int, version_id: int, config: dict, *, pid: int, pid_started: float | None,
               resume_run: int | None = None) -> int:

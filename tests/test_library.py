@@ -111,7 +111,7 @@ def test_chat_markdown_and_runs(db):
 def test_loss_curve_keeps_last_value_per_step(tmp_path, db):
     write(tmp_path / "docs", "a.md", "Some text.\n")
     result = ingest(tmp_path / "docs", db=db)
-    run_id = registry.create_run(db, result.corpus["id"], result.version["id"], {})
+    run_id = registry.start_run(db, result.corpus["id"], result.version["id"], {}, pid=1, pid_started=None)
     registry.add_metric(db, run_id, "synthesis", 1)
     for step, loss in ((1, 3.0), (2, 2.5), (2, 2.4), (3, 2.0)):
         registry.add_metric(db, run_id, "training", step, loss=loss, tokens_per_s=100.0)
