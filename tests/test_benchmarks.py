@@ -34,3 +34,20 @@ def test_bench_synthesis(cartridge_home):
     assert set(doc["backends"]) == {"llamacpp", "torch"}
     for figures in doc["backends"].values():
         assert figures["conversations"] == 2 and figures["per_min"] > 0 and figures["mean_answer_tokens"] > 0
+
+
+def test_bench_quality_and_bench_decoding(tmp_path, cartridge_home):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join((ASSETS / "sample_qa.jsonl").read_text().splitlines()[:2]) + "\n")
+    home = tmp_path / "bench-home"
+    setting = "tiny: p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16"
+    doc = run_benchmark("bench_quality.py", str(ASSETS / "sample"), "--qa", str(qa), "--setting", setting,
+                        "--home", str(home), home=cartridge_home)
+    [row] = doc["rows"]
+    assert row["setting"] == "tiny" and row["overrides"]["p"] == 16 and row["synth"] and row["steps"] == 2
+    assert set(row["nll"]) == set(row["accuracy"]) == {"none", "icl", "init", "cartridge"}
+    assert row["nll"]["icl"] < row["nll"]["none"] and row["recovered"] is not None
+    decoding = run_benchmark("bench_decoding.py", "sample", "--qa", str(qa), "--ngrams", "0,4", "--modes", "cartridge",
+                             home=home)
+    assert [r["no_repeat_ngram"] for r in decoding["rows"]] == [0, 4]
+    assert all(0 <= r["modes"]["cartridge"]["accuracy"] <= 1 for r in decoding["rows"])

@@ -177,3 +177,27 @@ def test_teacher_sees_the_whole_corpus_or_a_window_around_the_chunk():
     assert order == sorted(order)  # grouped by window, so each window's prompt is evaluated once
     for c in windowed:
         assert c.text.split("\n", 1)[-1][:40] in c.context and c.context_tokens <= budget
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from engine.training import lr_factor
+
+    cfg = TrainConfig(lr_schedule="cosine", warmup=0.1)
+    factors = [lr_factor(cfg, step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # never rises after the warm-up
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+    assert lr_factor(TrainConfig(), 50, 100) == 1.0
+
+
+def test_spread_initialisation_draws_from_across_the_corpus():
+    from engine.cartridge import corpus_init_text
+    from engine.corpus import ChunkSampler, Document
+
+    docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(200)))
+            for i in range(5)]
+    sampler = ChunkSampler(docs)
+    spread, first = corpus_init_text(sampler, 64, "spread"), corpus_init_text(sampler, 64, "first")
+    assert "word0x" in spread and "word4x" in spread and "word4x" not in first
+    with pytest.raises(Exception, match="unknown cartridge initialisation"):
+        corpus_init_text(sampler, 64, "middle")
