@@ -78,6 +78,9 @@ def cmd_versions(args) -> None:
 
     db = registry.open_registry()
     corpus = registry.get_corpus(db, args.corpus)
+    if args.make_current is not None:
+        registry.set_current_version(db, corpus, args.make_current)
+        corpus = registry.get_corpus(db, args.corpus)
     versions = [{"number": v["number"], "status": v["status"], "files": v["files"], "tokens": v["tokens"],
                  "created": v["created"], "manifest_hash": v["manifest_hash"], "cartridge": v["cartridge"],
                  "current": v["number"] == corpus["current_version"], "error": v["error"],
@@ -154,7 +157,7 @@ def cmd_train(args) -> None:
                   f"conversations (untrained: {h['init_score']:.0%}; answer NLL none {h['nll_none']:.3f}, "
                   f"cartridge {h['nll_cartridge']:.3f}, teacher {h['nll_teacher']:.3f})")
         if not outcome.current:
-            print(f"  not made current: it scored clearly worse than the version serving", file=sys.stderr)
+            print(f"  not made current: {outcome.not_current}", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -256,13 +259,13 @@ def cmd_watch(args) -> None:
     first_event = max((e["id"] for e in registry.list_events(db, limit=1)), default=0)
     queue = TrainingQueue()
     service = start_watchers(queue, quiet_seconds=args.quiet_seconds, rescan_seconds=args.rescan_seconds,
-                             preset=args.preset, **overrides)
+                             max_wait_seconds=args.max_wait_seconds, preset=args.preset, **overrides)
     ids = {c["id"]: c["name"] for c in watched}
     if not args.json:
         for c in watched:
             print(f"watching {c['name']} ({c['root']})", file=sys.stderr)
-        print(f"a change is acted on after {args.quiet_seconds:g} s of quiet; full rescan every "
-              f"{args.rescan_seconds:g} s; Ctrl-C stops", file=sys.stderr)
+        print(f"a change is acted on after {args.quiet_seconds:g} s of quiet (at most {args.max_wait_seconds:g} s "
+              f"after it); full rescan every {args.rescan_seconds:g} s; Ctrl-C stops", file=sys.stderr)
     seen, events = first_event, []
     try:
         while True:
@@ -329,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("versions", help="list the versions of a corpus")
+    p = sub.add_parser("versions", help="list the versions of a corpus (and choose the one that serves)")
     p.add_argument("corpus")
+    p.add_argument("--make-current", type=int, metavar="N", help="make ready version N the one chat and eval use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_versions)
 
@@ -388,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--off", action="store_true", help="switch watch off for the named corpora and exit")
     p.add_argument("--quiet-seconds", type=float, default=60.0, metavar="S",
                    help="act on changes once the folder has been quiet this long (default 60)")
+    p.add_argument("--max-wait-seconds", type=float, default=600.0, metavar="S",
+                   help="act on a change within this long even if the folder never goes quiet (default 600)")
     p.add_argument("--rescan-seconds", type=float, default=600.0, metavar="S",
                    help="also rescan every folder this often, for changes the watcher missed (default 600)")
     _add_train_flags(p)

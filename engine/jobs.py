@@ -1,7 +1,8 @@
 """A background training queue: one job at a time, in a worker thread that outlives any browser tab.
 
 The UI and the folder watcher both submit here. A job queued for a corpus that already has one waiting
-is coalesced into it (the newest settings win), so a burst of changes gives one retrain.
+is coalesced into it (the newest settings win, except that a watcher's never replace a user's), so a
+burst of changes gives one retrain.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ class Job:
 
 
 class TrainingQueue:
-    def __init__(self, db_path=None):
+    """Jobs run one at a time in submission order. A paused queue keeps accepting (and coalescing) jobs
+    and starts none until resumed; the running one, if any, goes on."""
+
+    def __init__(self, db_path=None, *, paused: bool = False):
         self._db_path = db_path
+        self.paused = paused
         self._lock = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}
@@ -58,13 +63,24 @@ class TrainingQueue:
         with self._lock:
             for job in self._queue:
                 if job.corpus == corpus:
-                    job.kwargs, job.source = kwargs, source
+                    # One retrain covers both. The user's own settings win over a watcher's.
+                    if source == "user" or job.source == "watch":
+                        job.kwargs, job.source = kwargs, source
                     return job
             job = Job(next(self._ids), corpus, kwargs, source)
             self._queue.append(job)
             self._jobs[job.id] = job
             self._lock.notify_all()
             return job
+
+    def pause(self) -> None:
+        with self._lock:
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self.paused = False
+            self._lock.notify_all()
 
     def cancel(self, job_id: int | None = None) -> bool:
         """Stop the running job (or drop a queued one); the stopped run can be resumed later."""
@@ -106,7 +122,7 @@ class TrainingQueue:
         db = registry.open_registry(self._db_path)
         while True:
             with self._lock:
-                while not self._queue:
+                while not self._queue or self.paused:
                     self._lock.wait()
                 job = self._queue.popleft()
                 job.state, job.started, self.current = "running", time.time(), job

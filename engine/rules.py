@@ -8,13 +8,15 @@ from pathlib import PurePosixPath
 import pathspec
 
 # Folders and files that are never content: version control, dependencies, virtualenvs, caches,
-# build outputs, lock files. Written as gitignore patterns.
+# build outputs, lock files, editors' and note apps' own state (.idea/, .vscode/, .obsidian/).
+# Written as gitignore patterns.
 BUILTIN_EXCLUDES = [
     ".git/", ".hg/", ".svn/", ".bzr/", "node_modules/", "bower_components/", ".venv/", "venv/", ".env/",
     "env/", "virtualenv/", "__pycache__/", ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".tox/", ".nox/",
     ".cache/", ".gradle/", ".idea/", ".vscode/", ".next/", ".nuxt/", ".parcel-cache/", ".turbo/",
     "build/", "dist/", "target/", "out/", "_build/", "*.egg-info/", ".eggs/", "coverage/", "htmlcov/",
-    ".ipynb_checkpoints/", ".DS_Store", "Thumbs.db", "*.pyc", "*.pyo", "*.class", "*.o", "*.so", "*.dll",
+    ".ipynb_checkpoints/", ".obsidian/", ".trash/", ".Trash/", ".fseventsd/", ".Spotlight-V100/", ".DS_Store",
+    "Thumbs.db", "*.pyc", "*.pyo", "*.class", "*.o", "*.so", "*.dll",
     "*.dylib", "*.exe", "*.min.js", "*.map", "*.swp", "*~",
     "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "Pipfile.lock", "uv.lock",
     "Cargo.lock", "composer.lock", "Gemfile.lock", "go.sum", "*.lock",

@@ -2,14 +2,16 @@
 
 Per watched corpus, a watchdog observer on the folder notes the paths that can matter to the corpus
 (the same ignore rules, `.gitignore` files and secret names as `ingest`). Once the folder has been
-quiet for a while and the changed files have stopped growing, the folder is rescanned with `ingest`,
+quiet for a while (or a change has waited the maximum wait, for folders that never go quiet) and the
+changed files have stopped growing, the folder is rescanned with `ingest`,
 which records a new version only when the manifest (paths + content hashes) changed; that version's
 incremental retrain goes to the shared `TrainingQueue`. Chat keeps using the current version, which
 moves to the new one only when its retrain has finished.
 
 Watchers miss events (full inotify tables, network drives, changes made while the app was closed), so
 every folder is also rescanned at start and every few minutes. Changes that arrive while a corpus is
-training wait, and become one retrain after it. The per-corpus switch lives in the registry
+training wait, and become one retrain after it. A failed retrain is retried with growing back-off. The
+per-corpus switch lives in the registry
 (`corpora.watch`), so `start_watchers` picks the same corpora up again after a restart.
 """
 
@@ -31,6 +33,9 @@ from engine.rules import IgnoreRules, is_secret
 
 DEFAULT_QUIET_SECONDS = 60.0
 DEFAULT_RESCAN_SECONDS = 600.0
+DEFAULT_MAX_WAIT_SECONDS = 600.0  # a change is acted on within this long even while files keep changing
+DEFAULT_RETRY_SECONDS = 60.0  # first retry of a failed retrain; doubles per failure ...
+MAX_RETRY_SECONDS = 3600.0  # ... up to this
 TICK_SECONDS = 0.2
 UNTRAINED = ("scanned", "interrupted", "training")  # version states a watch trains without a new change
 MAX_LOOKED_AT = 200  # files whose size is compared between two looks (the most recently changed ones)
@@ -140,13 +145,18 @@ class _Handler(FileSystemEventHandler):
 class CorpusWatch:
     """One watched corpus: its observer, the changes not yet acted on, and what it last did."""
 
-    def __init__(self, corpus: dict, quiet_seconds: float, rescan_seconds: float):
+    def __init__(self, corpus: dict, quiet_seconds: float, rescan_seconds: float,
+                 max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS, retry_seconds: float = DEFAULT_RETRY_SECONDS):
         self.corpus_id = corpus["id"]
         self.name = corpus["name"]
         self.root = Path(corpus["root"])
         self.quiet_seconds = quiet_seconds
         self.settle_seconds = max(TICK_SECONDS, min(1.0, quiet_seconds / 2))
         self.rescan_seconds = rescan_seconds
+        self.max_wait_seconds = max(quiet_seconds, max_wait_seconds)
+        self.retry_seconds = retry_seconds
+        self.failures = 0  # retrains failed in a row
+        self.retry_at: float | None = None  # monotonic time of the next retry of a failed retrain
         home = Path(os.path.realpath(data_home()))
         self.filter = EventFilter(self.root, corpus["ignore"], corpus["options"].get("allow_secrets", False),
                                   exclude=[home])
@@ -155,6 +165,7 @@ class CorpusWatch:
         self._lock = threading.Lock()
         self.pending: dict[str, tuple[str, float]] = {}  # relative path -> (event type, wall time)
         self.last_activity: float | None = None  # monotonic time of the newest relevant event
+        self.first_pending: float | None = None  # monotonic time of the oldest change not acted on
         self.looks: dict[str, tuple[int, int] | None] | None = None  # sizes at the first look
         self.look_at = 0.0
         self.next_rescan = 0.0  # monotonic; 0: reconcile at the first tick
@@ -208,8 +219,14 @@ class CorpusWatch:
 
     # -- changes ---------------------------------------------------------------------------------
 
+    def due(self) -> float:
+        """Monotonic time the pending changes are acted on: after the quiet period, or the maximum wait."""
+        return min(self.last_activity + self.quiet_seconds, self.first_pending + self.max_wait_seconds)
+
     def note(self, rel: str, kind: str) -> None:
         with self._lock:
+            if not self.pending:
+                self.first_pending = time.monotonic()
             self.pending[rel] = (kind, time.time())
             self.last_activity = time.monotonic()
             self.looks = None
@@ -217,6 +234,7 @@ class CorpusWatch:
     def take_pending(self) -> dict[str, tuple[str, float]]:
         with self._lock:
             pending, self.pending, self.looks, self.last_activity = self.pending, {}, None, None
+            self.first_pending = None
             return pending
 
     def restore_pending(self, pending: dict[str, tuple[str, float]]) -> None:
@@ -225,6 +243,8 @@ class CorpusWatch:
                 self.pending.setdefault(rel, value)
             if self.pending and self.last_activity is None:
                 self.last_activity = time.monotonic()
+            if self.pending and self.first_pending is None:
+                self.first_pending = time.monotonic()
 
     def sizes(self) -> dict[str, tuple[int, int] | None]:
         """(size, mtime) of the most recently changed pending files; None for a missing one."""
@@ -245,7 +265,9 @@ class CorpusWatch:
             if self.pending and self.last_activity is not None:
                 if self.looks is not None:
                     return self.look_at + self.settle_seconds
-                return self.last_activity + self.quiet_seconds
+                return self.due()
+        if self.retry_at is not None:
+            return min(self.retry_at, self.next_rescan)
         return self.next_rescan
 
     def status(self) -> dict:
@@ -269,13 +291,16 @@ class WatchService:
     """
 
     def __init__(self, queue, db_path=None, *, quiet_seconds: float = DEFAULT_QUIET_SECONDS,
-                 rescan_seconds: float = DEFAULT_RESCAN_SECONDS, **train_kwargs):
-        if quiet_seconds < 0 or rescan_seconds <= 0:
-            raise UserError("--quiet-seconds must be >= 0 and --rescan-seconds > 0")
+                 rescan_seconds: float = DEFAULT_RESCAN_SECONDS, max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, **train_kwargs):
+        if quiet_seconds < 0 or rescan_seconds <= 0 or max_wait_seconds <= 0 or retry_seconds <= 0:
+            raise UserError("--quiet-seconds must be >= 0; --rescan-seconds and --max-wait-seconds > 0")
         self.queue = queue
         self.db_path = db_path
         self.quiet_seconds = float(quiet_seconds)
         self.rescan_seconds = float(rescan_seconds)
+        self.max_wait_seconds = float(max_wait_seconds)
+        self.retry_seconds = float(retry_seconds)
         self.train_kwargs = {k: v for k, v in train_kwargs.items() if v is not None}
         self._db = registry.open_registry(db_path)  # the scheduler thread's own connection
         self._watches: dict[int, CorpusWatch] = {}
@@ -297,7 +322,8 @@ class WatchService:
         with self._lock:
             if row["id"] in self._watches:
                 return self._watches[row["id"]].status()
-            watch = CorpusWatch(row, self.quiet_seconds, self.rescan_seconds)
+            watch = CorpusWatch(row, self.quiet_seconds, self.rescan_seconds, self.max_wait_seconds,
+                                self.retry_seconds)
             watch.last_event = _brief(latest[0]) if latest else None
             self._watches[row["id"]] = watch
         problem = watch.start_observer()
@@ -371,9 +397,12 @@ class WatchService:
             return
         with watch._lock:
             pending = bool(watch.pending)
-            quiet = pending and now >= watch.last_activity + watch.quiet_seconds
+            quiet = pending and now >= watch.due()
+            overdue = pending and now >= watch.first_pending + watch.max_wait_seconds
             looks, look_at = watch.looks, watch.look_at
-        if quiet:
+        if quiet and overdue:
+            self._check(db, watch, watch.take_pending())  # the folder never goes quiet: act on what is there
+        elif quiet:
             # Two looks at the changed files' sizes: a file still being written waits.
             if looks is None:
                 first = watch.sizes()
@@ -395,6 +424,8 @@ class WatchService:
             self._check(db, watch, watch.take_pending())
         elif pending:
             watch.state, watch.message = "waiting", "waiting for the folder to be quiet"
+        elif watch.retry_at is not None and now >= watch.retry_at:
+            self._retry(db, watch)
         elif now >= watch.next_rescan:
             self._check(db, watch, {})
         elif watch.state not in ("queued", "error", "failed"):
@@ -426,6 +457,22 @@ class WatchService:
         watch.state = "failed" if job.state == "failed" else "idle"
         watch.message = (f"v{job.outcome['version']} is ready" if job.state == "done" and job.outcome
                          else job.error or job.state)
+        if job.state == "failed":
+            watch.failures += 1
+            wait = min(MAX_RETRY_SECONDS, watch.retry_seconds * 2 ** (watch.failures - 1))
+            watch.retry_at = now + wait
+            watch.message += f"; retrying in {wait:.0f} s"
+        else:
+            watch.failures, watch.retry_at = 0, None
+
+    def _retry(self, db, watch: CorpusWatch) -> None:
+        """Queue the failed version's retrain again (unless something since made it moot)."""
+        watch.retry_at = None
+        version = registry.latest_version(db, watch.corpus_id)
+        if version is None or version["status"] == "ready" or watch.name in self.queue.busy_corpora():
+            watch.failures = 0
+            return
+        self._submit(db, watch, version, f"retry {watch.failures} after a failure")
 
     def _check(self, db, watch: CorpusWatch, pending: dict) -> None:
         """Rescan the folder; queue a retrain when the manifest changed (or, at start, when untrained)."""
@@ -528,7 +575,8 @@ def set_watch(db, corpus: str, on: bool) -> dict:
 def start_watchers(queue, db_path=None, **kwargs) -> WatchService:
     """Recover runs a dead process left behind, then watch every corpus whose watch flag is on.
 
-    `kwargs`: quiet_seconds, rescan_seconds, and training arguments for the retrains (preset, p, ...).
+    `kwargs`: quiet_seconds, rescan_seconds, max_wait_seconds, retry_seconds, and training arguments for the
+    retrains (preset, p, ...).
     """
     db = registry.open_registry(db_path)
     try:

@@ -1,8 +1,9 @@
 """Folder watch with a real watchdog observer on temporary folders.
 
-Most tests use a stand-in queue that records what would be trained, so they exercise the watch logic
-(filtering, quiet period, settling, coalescing, the manifest decision) in seconds. Two tests train for
-real on the default model with tiny settings, sharing one corpus trained once for the module.
+Most tests give the watcher the real training queue, paused: retrains are queued (and coalesced) as in the
+app but not started, so the watch logic (filtering, quiet period, settling, maximum wait, coalescing, the
+manifest decision) runs in seconds. The others train for real on the default model with tiny settings,
+sharing one corpus trained once for the module.
 """
 
 from __future__ import annotations
@@ -41,37 +42,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class StandInJob:
-    _ids = itertools.count(1)
+def paused_queue():
+    from engine.jobs import TrainingQueue
 
-    def __init__(self, corpus: str, kwargs: dict):
-        self.id, self.corpus, self.kwargs = next(self._ids), corpus, kwargs
-        self.state, self.started, self.error, self.outcome = "queued", None, None, None
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "corpus": self.corpus, "state": self.state}
+    return TrainingQueue(paused=True)
 
 
-class StandInQueue:
-    """The TrainingQueue surface the watcher uses, recording submissions instead of training."""
+def submitted(queue) -> list:
+    """The retrains the watcher queued, oldest first."""
+    return queue.jobs()
 
-    def __init__(self):
-        self.submitted: list[StandInJob] = []
-        self.current: StandInJob | None = None
 
-    def submit(self, corpus: str, source: str = "user", **kwargs) -> StandInJob:
-        assert source == "watch"
-        job = StandInJob(corpus, kwargs)
-        self.submitted.append(job)
-        return job
-
-    def busy_corpora(self) -> set[str]:
-        return {j.corpus for j in self.submitted if j.state in ("queued", "running")}
-
-    def finish_all(self) -> None:
-        for job in self.submitted:
-            job.state = "done"
-        self.current = None
+def drop_queued(queue) -> None:
+    """Cancel the queued retrains (as the user can), so the next change queues a new one."""
+    for job in queue.jobs():
+        if job.state == "queued":
+            queue.cancel(job.id)
 
 
 def make_folder(root: Path, n: int = 3) -> Path:
@@ -90,16 +76,19 @@ def watching_vault(tmp_path: Path, db):
     """A three-note folder ingested as "vault" and watched, with a stand-in queue: (root, corpus, queue, service)."""
     root = make_folder(tmp_path / "vault")
     corpus = watched_corpus(root, db)
-    queue = StandInQueue()
+    queue = paused_queue()
     return root, corpus, queue, started(queue, db, corpus)
 
 
 def started(queue, db, corpus, **train_kwargs) -> object:
-    """A service watching the corpus, past its start rescan (whose retrain of v1 is marked done)."""
+    """A service watching the corpus, past its start rescan (whose retrain of v1, queued on a paused queue,
+    is cancelled)."""
     service = start_watchers(queue, quiet_seconds=QUIET, **(train_kwargs or {"p": 8}))
     wait_for(lambda: (service.status(corpus["name"]) or {}).get("checks", 0) >= 1, 30, "the start rescan")
-    if isinstance(queue, StandInQueue):
-        queue.finish_all()
+    if queue.paused:
+        wait_for(lambda: queue.jobs(), 30, "the start retrain")
+        drop_queued(queue)
+        wait_for(lambda: (service.status(corpus["name"]) or {}).get("state") == "idle", 30, "the watch to see it")
     return service
 
 
@@ -115,7 +104,7 @@ def event_kinds(db, corpus, after: float = 0.0) -> list[str]:
 
 def test_watch_switch_is_remembered_across_restarts(tmp_path, db):
     corpus = ingest(make_folder(tmp_path / "vault"), db=db).corpus
-    queue = StandInQueue()
+    queue = paused_queue()
     service = start_watchers(queue, quiet_seconds=QUIET)
     try:
         assert service.watched() == [] and service.status() == []
@@ -143,17 +132,18 @@ def test_watch_switch_is_remembered_across_restarts(tmp_path, db):
 def test_rapid_edits_and_a_delete_give_one_version_and_one_retrain(tmp_path, db):
     root, corpus, queue, service = watching_vault(tmp_path, db)
     try:
-        assert [j.kwargs for j in queue.submitted] == [{"p": 8}]  # v1 was untrained: trained at start
+        assert [j.kwargs for j in submitted(queue)] == [{"p": 8}]  # v1 was untrained: trained at start
         for i in range(20):
             write(root, "note0.md", SAMPLE[:400] + f"\nedit number {i}\n")
             time.sleep(0.02)
         last_edit = time.monotonic()
         (root / "note2.md").unlink()
         write(root, "sub/new.md", "A new note about the tool library.\n")
-        wait_for(lambda: len(queue.submitted) == 2, 30, "the retrain")
+        wait_for(lambda: len(submitted(queue)) == 2, 30, "the retrain")
         assert time.monotonic() - last_edit >= QUIET  # not before the folder was quiet
-        time.sleep(2 * QUIET)  # nothing more comes of the burst
-        assert len(queue.submitted) == 2 and versions(db, corpus) == [1, 2]
+        wait_for(lambda: service.status("vault")["state"] == "queued" and service.status("vault")["pending"] == 0,
+                 30, "the watch to hand the change over")
+        assert len(submitted(queue)) == 2 and versions(db, corpus) == [1, 2]
         files = [f["path"] for f in registry.version_files(db, registry.latest_version(db, corpus["id"])["id"])]
         assert files == ["note0.md", "note1.md", "sub/new.md"]
         seen = next(e for e in registry.list_events(db, corpus["id"]) if e["kind"] == "change_seen")
@@ -170,7 +160,7 @@ def test_ignored_files_and_a_touch_give_no_retrain(tmp_path, db):
     write(root, ".gitignore", "drafts/\n*.tmp\n")
     write(root, "sub/.gitignore", "private.md\n")
     corpus = watched_corpus(root, db, ignore=["*.log"])
-    queue = StandInQueue()
+    queue = paused_queue()
     service = started(queue, db, corpus)
     try:
         checks = service.status("vault")["checks"]
@@ -187,7 +177,7 @@ def test_ignored_files_and_a_touch_give_no_retrain(tmp_path, db):
         os.utime(root / "note1.md")  # touched: new mtime, same content
         write(root, "note2.md", (root / "note2.md").read_text())  # rewritten with the same text
         wait_for(lambda: service.status("vault")["checks"] > checks, 30, "the check after the touch")
-        assert versions(db, corpus) == [1] and len(queue.submitted) == 1
+        assert versions(db, corpus) == [1] and len(submitted(queue)) == 1
         assert service.status("vault")["message"] == "no content change"
     finally:
         service.stop()
@@ -215,8 +205,8 @@ def test_file_still_growing_waits(tmp_path, db, monkeypatch):
                 handle.write(SAMPLE[i * 40:(i + 1) * 40])
                 handle.flush()
                 time.sleep(0.14)
-                assert len(queue.submitted) == 1, f"acted on a file still being written (after {i + 1} writes)"
-        wait_for(lambda: len(queue.submitted) == 2, 30, "the retrain after the file was complete")
+                assert len(submitted(queue)) == 1, f"acted on a file still being written (after {i + 1} writes)"
+        wait_for(lambda: len(submitted(queue)) == 2, 30, "the retrain after the file was complete")
         latest = registry.latest_version(db, corpus["id"])
         big = next(f for f in registry.version_files(db, latest["id"]) if f["path"] == "big.md")
         assert registry.blob_text(db, big["sha256"]) == SAMPLE[:1000]
@@ -227,21 +217,88 @@ def test_file_still_growing_waits(tmp_path, db, monkeypatch):
 def test_changes_during_a_retrain_wait_and_coalesce(tmp_path, db):
     root, corpus, queue, service = watching_vault(tmp_path, db)
     try:
-        queue.current = StandInJob("vault", {})  # the corpus is training
-        queue.current.state = "running"
+        # A real retrain, long enough to outlast the edits below (cancelled once they are in).
+        job = queue.submit("vault", **{**TINY, "steps": 10_000})
+        queue.resume()
+        wait_for(lambda: service.status("vault")["state"] == "training", 120, "the retrain to start")
+        queue.pause()  # what the watcher queues next waits
         for i in range(3):
             write(root, f"note{i}.md", f"changed while training, round {i}\n")
-            time.sleep(QUIET + 0.3)
+        wait_for(lambda: service.status("vault")["pending"] == 3, 30, "the watch to note the edits")
+        wait_for(lambda: time.monotonic() > service._watches[corpus["id"]].due() + 1.0, 30, "the quiet period")
         status = service.status("vault")
         assert status["state"] == "training" and status["pending"] == 3
-        assert versions(db, corpus) == [1] and len(queue.submitted) == 1  # chat stays on what it has
+        assert versions(db, corpus) == [1] and len(submitted(queue)) == 2  # chat stays on what it has
 
-        queue.finish_all()
-        wait_for(lambda: len(queue.submitted) == 2, 30, "one retrain after the running one")
-        time.sleep(QUIET + 0.5)
-        assert len(queue.submitted) == 2 and versions(db, corpus) == [1, 2]
+        queue.cancel(job.id)
+        wait_for(lambda: len(submitted(queue)) == 3, 60, "one retrain after the running one")
+        wait_for(lambda: service.status("vault")["pending"] == 0, 30, "the watch to hand the changes over")
+        assert len(submitted(queue)) == 3 and versions(db, corpus) == [1, 2]
+        assert submitted(queue)[-1].state == "queued" and submitted(queue)[-1].source == "watch"
     finally:
         service.stop()
+
+
+def test_a_folder_that_never_goes_quiet_is_acted_on_within_the_maximum_wait(tmp_path, db):
+    root = make_folder(tmp_path / "vault")
+    corpus = watched_corpus(root, db)
+    queue = paused_queue()
+    service = started(queue, db, corpus, max_wait_seconds=3.0)
+    try:
+        began = time.monotonic()
+        edits = 0
+        while len(submitted(queue)) < 2:  # an editor saving twice a second, forever
+            assert time.monotonic() - began < 30, "no retrain while the folder kept changing"
+            write(root, "note0.md", SAMPLE[:300] + f"\nautosave {edits}\n")
+            edits += 1
+            time.sleep(0.5)
+        assert 3.0 <= time.monotonic() - began < 3.0 + 10  # after the maximum wait, not after quiet
+        assert versions(db, corpus) == [1, 2]
+    finally:
+        service.stop()
+
+
+def test_app_state_folders_are_not_part_of_a_corpus(tmp_path, db):
+    root = make_folder(tmp_path / "vault")
+    for rel in (".obsidian/workspace.json", ".idea/workspace.xml", ".vscode/settings.json", ".trash/old.md"):
+        write(root, rel, "{}\n")
+    write(root, ".DS_Store", b"\x00\x01Bud1")
+    corpus = watched_corpus(root, db)
+    files = [f["path"] for f in registry.version_files(db, registry.latest_version(db, corpus["id"])["id"])]
+    assert files == ["note0.md", "note1.md", "note2.md"]
+    watch = EventFilter(root, [])
+    assert watch.relevant(str(root / ".obsidian" / "workspace.json")) is None
+    assert watch.relevant(str(root / "note0.md")) == "note0.md"
+
+
+def test_a_failed_retrain_is_retried_with_back_off(tmp_path, db):
+    from engine.jobs import TrainingQueue
+
+    root = make_folder(tmp_path / "vault")
+    corpus = watched_corpus(root, db)
+    # A model that cannot be loaded: every retrain fails at once, for real.
+    service = start_watchers(TrainingQueue(), quiet_seconds=QUIET, retry_seconds=1.0,
+                             model=str(tmp_path / "no-such-model"))
+    try:
+        def failures():
+            return [e for e in reversed(registry.list_events(db, corpus["id"], limit=100))
+                    if e["kind"] == "train_failed"]
+        wait_for(lambda: len(failures()) >= 3, 60, "three failed attempts")
+        times = [e["created"] for e in failures()[:3]]
+        assert times[2] - times[1] > times[1] - times[0] >= 0.9  # 1 s, then 2 s: the wait doubles
+        queued = [e["message"] for e in registry.list_events(db, corpus["id"], limit=100) if e["kind"] == "retrain_queued"]
+        assert any("after a failure" in m for m in queued)
+        assert "retrying in" in service.status("vault")["message"] or service.status("vault")["state"] == "queued"
+    finally:
+        service.stop()
+
+
+def test_a_watcher_retrain_never_replaces_a_users_queued_settings(tmp_path, db):
+    queue = paused_queue()
+    mine = queue.submit("vault", source="user", p=64, conversations=40)
+    assert queue.submit("vault", source="watch", p=8) is mine  # merged into one retrain ...
+    assert mine.kwargs == {"p": 64, "conversations": 40} and mine.source == "user"  # ... with the user's settings
+    assert queue.submit("vault", source="user", p=32) is mine and mine.kwargs == {"p": 32}  # newer own settings win
 
 
 def test_event_filter_follows_ingest_rules(tmp_path):
