@@ -65,11 +65,12 @@ class ChatBackends:
 
     def get(self, corpora: list[str], version: int | None, mode: str):
         from engine import inference
+        from engine.cartridge import content_key
 
         with open_db() as db:
             target = inference.resolve(db, corpora, version=version, mode=mode)
             key = (tuple(corpora), tuple(v["number"] for v in target.versions), mode,
-                   tuple(str(f) for f in target.cartridge_folders), target.model_spec)
+                   tuple(content_key(f) for f in target.cartridge_folders), target.model_spec)
             with self._lock:
                 backend = self._items.pop(key, None)
                 if backend is None:

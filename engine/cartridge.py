@@ -7,6 +7,7 @@ positions 0..p-1, so the conversation that follows starts at position p.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -205,7 +206,21 @@ def load_cartridge(folder: Path, lm: LoadedModel) -> Cartridge:
         raise CartridgeMismatch(
             f"cartridge {folder.name} has shape {tuple(embeddings.shape)}, expected {want} for this model"
         )
+    if not torch.isfinite(embeddings).all():
+        raise CartridgeMismatch(f"cartridge {folder.name} holds NaN or infinite values (training diverged): retrain it")
     return Cartridge(embeddings=embeddings.float().cpu(), meta=meta, folder=folder)
+
+
+def content_key(folder: Path) -> str:
+    """A digest of a cartridge's weights: what a loaded copy is keyed by (a retrain may reuse a path)."""
+    digest = hashlib.sha256()
+    try:
+        with open(Path(folder) / ADAPTER_WEIGHTS, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- use

@@ -159,6 +159,9 @@ def load_model(spec: str | None = None, device: str | None = None) -> LoadedMode
 @functools.lru_cache(maxsize=2)
 def _load_model_cached(spec: str, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading takes a second; the app reports its own phases
 
     dev = torch.device(device)
     weight_dtype, autocast_dtype = _dtypes_for(dev)

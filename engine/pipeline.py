@@ -57,14 +57,15 @@ class TrainOutcome:
     seconds: float
     run_id: int
     heldout: dict | None = None  # the held-out score and its parts (see training.BestState.to_json)
-    current: bool = True  # False when a watcher retrain scored clearly worse than the version serving
+    current: bool = True  # False when a newer version serves, or a watcher retrain scored clearly worse
+    not_current: str | None = None  # why it was not made current
 
     def to_json(self) -> dict:
         return {"corpus": self.corpus, "version": self.version, "cartridge": self.cartridge, "tokens": self.tokens,
                 "conversations": self.conversations, "steps": self.steps, "loss_first": round(self.loss_first, 5),
                 "loss_last": round(self.loss_last, 5), "seconds": round(self.seconds, 1), "run_id": self.run_id,
                 "heldout": self.heldout["score"] if self.heldout else None, "heldout_detail": self.heldout,
-                "current": self.current}
+                "current": self.current, "not_current": self.not_current}
 
 
 def make_config(preset: str = "quick", **overrides) -> TrainConfig:
@@ -389,14 +390,16 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
                    "conversations": len(conversations), "seconds": round(seconds, 1),
                    "tokens_per_s": round(result.tokens_per_s, 1), "heldout": result.heldout}
         score = result.heldout["score"] if result.heldout else None
-        target = cartridges_dir() / corpus["uid"] / f"v{row['number']}"
+        # A fresh folder per run: the serving cartridge stays on disk until the registry points elsewhere.
+        target = cartridges_dir() / corpus["uid"] / f"v{row['number']}-run{run_id}"
+        previous = db["versions"].get(row["id"])["cartridge"]
         save_cartridge(cartridge_embeddings(peft_model), peft_config_for(cfg.p), target, {
             "base_model": lm.spec, "fingerprint": lm.fingerprint, "p": cfg.p, "n_layers": lm.n_layers,
             "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "corpus": corpus["name"],
             "corpus_root": corpus["root"], "version": row["number"], "manifest_hash": row["manifest_hash"],
             "training": config_doc, "metrics": metrics, "created": time.time()})
         _unwrap(peft_model)
-        worse = _worse_than_serving(db, corpus, row, score) if guard_current else None
+        worse = _older_than_serving(db, corpus, row) or (_worse_than_serving(db, corpus, row, score) if guard_current else None)
         with registry.transaction(db):
             registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None, heldout=score)
             if worse is None:
@@ -405,10 +408,12 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.add_event(db, corpus["id"], "train_finished", f"v{row['number']} is ready", metrics)
             if worse is not None:
                 registry.add_event(db, corpus["id"], "kept_previous", worse, {"version": row["number"], "heldout": score})
+        if previous and Path(previous) != target:
+            shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(run_dir(corpus, run_id), ignore_errors=True)
         report(Progress("done", 1, 1, message="ready" if worse is None else worse))
         return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, len(conversations), result.steps,
-                            result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None)
+                            result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None, worse)
     except KeyboardInterrupt:
         _stopped(db, corpus, row, run_id, status="interrupted")
         raise
@@ -425,6 +430,15 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         raise UserError(f"training failed: {message}") from exc
 
 
+def _older_than_serving(db, corpus: dict, row: dict) -> str | None:
+    """Why a retrained older version should not replace a newer ready one that serves, or None."""
+    serving = db["corpora"].get(corpus["id"])["current_version"]
+    if serving is None or serving <= row["number"] or registry.get_version(db, corpus, serving)["status"] != "ready":
+        return None
+    return (f"v{row['number']} is older than v{serving}, which keeps serving "
+            f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it)")
+
+
 def _worse_than_serving(db, corpus: dict, row: dict, score: float | None) -> str | None:
     """Why a new version should not replace the serving one (held-out score clearly lower), or None."""
     serving = db["corpora"].get(corpus["id"])["current_version"]
@@ -434,7 +448,8 @@ def _worse_than_serving(db, corpus: dict, row: dict, score: float | None) -> str
     if current["status"] != "ready" or current.get("heldout") is None or score >= current["heldout"] - WORSE_MARGIN:
         return None
     return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving}'s "
-            f"{current['heldout']:.2f}: v{serving} keeps serving (make v{row['number']} current to use it anyway)")
+            f"{current['heldout']:.2f}: v{serving} keeps serving "
+            f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it anyway)")
 
 
 def _unwrap(peft_model) -> None:

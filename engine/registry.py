@@ -206,9 +206,14 @@ def rename_corpus(db, name: str, new_name: str) -> None:
 
 
 def delete_corpus(db, corpus_id: int) -> None:
-    """Forget a corpus and everything recorded about it (its folder is untouched; the data files the
+    """Forget a corpus and everything recorded about it, chats with it included (its folder is untouched; the data files the
     app made for it are removed by `engine.pipeline.remove_corpus`)."""
+    name = db["corpora"].get(corpus_id)["name"]
     with db.atomic():
+        for chat in db["chats"].rows_where():
+            if name in json.loads(chat["corpora"] or "[]"):  # its answers quote the corpus
+                db.execute("DELETE FROM messages WHERE chat_id = ?", [chat["id"]])
+                db.execute("DELETE FROM chats WHERE id = ?", [chat["id"]])
         version_ids = [v["id"] for v in db["versions"].rows_where("corpus_id = ?", [corpus_id])]
         run_ids = [r["id"] for r in db["runs"].rows_where("corpus_id = ?", [corpus_id])]
         for run_id in run_ids:

@@ -90,6 +90,50 @@ def test_composed_chat_over_two_corpora(trained, tmp_path, cartridge_home):
     assert reply["kv_bytes"] >= 31 * kv_width(load_model()) * 2
 
 
+def test_serving_follows_retrains_and_refuses_broken_cartridges(trained, tmp_path, cartridge_home):
+    """A retrain of the same version number reaches a running chat; an older version retrained does not
+    take over; the serving folder is never replaced in place; NaN weights are refused on both engines."""
+    from app.ui_chat import ChatBackends
+
+    backends = ChatBackends()
+    first = backends.get(["sample"], None, "cartridge")
+    assert backends.get(["sample"], None, "cartridge") is first  # cached while nothing changed
+
+    proc = run_cli("train", "sample", *TINY_TRAIN, "--seed", "1", "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["version"] == 1 and again["current"] is True
+    assert again["cartridge"] != trained["cartridge"] and not os.path.exists(trained["cartridge"])
+    assert backends.get(["sample"], None, "cartridge") is not first  # keyed by content, not by version number
+
+    sample = tmp_path / "sample"
+    import shutil
+    shutil.copytree(ASSETS / "sample", sample)
+    db = registry.open_registry()
+    registry.update_corpus(db, registry.get_corpus(db, "sample")["id"], root=str(sample.resolve()))  # moved folder
+    write(sample, "extra.md", "The bicycle pump lives in the blue cupboard by the back door.\n")
+    assert run_cli("ingest", str(sample), "--name", "sample", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "sample", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
+    proc = run_cli("train", "sample", "--version", "1", *TINY_TRAIN, "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    older = json.loads(proc.stdout)
+    assert older["current"] is False and "older than v2" in older["not_current"]
+    assert registry.get_corpus(db, "sample")["current_version"] == 2
+    proc = run_cli("versions", "sample", "--make-current", "1", "--json", env_home=cartridge_home)
+    assert proc.returncode == 0 and [v["current"] for v in json.loads(proc.stdout)["versions"]] == [True, False]
+
+    from safetensors.torch import load_file, save_file
+    weights = os.path.join(older["cartridge"], "adapter_model.safetensors")
+    tensors = load_file(weights)
+    key = next(iter(tensors))
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, weights)
+    for engine in ("torch", "llama.cpp"):
+        proc = run_cli("chat", "sample", "--engine", engine, "--prompt", "hi", env_home=cartridge_home)
+        assert proc.returncode == 2 and "NaN or infinite" in proc.stderr, (engine, proc.stderr)
+        assert proc.stderr.count("\n") == 1
+
+
 def test_icl_and_none_modes(trained, cartridge_home):
     for mode in ("icl", "none"):
         proc = run_cli("chat", "sample", "--mode", mode, "--prompt", "Hi", "--max-tokens", "4", "--json",

@@ -31,11 +31,18 @@ def test_removed_corpus_leaves_nothing_and_reaches_no_later_corpus(tmp_path, car
     folders = corpus_folders(first)
     assert synth_dir(first, 1).is_dir() and any(f.exists() for f in folders)
 
+    chat = registry.create_chat(db, "vault", ["notes"], "cartridge")
+    registry.add_message(db, chat, "assistant", SECRET)
+    kept = registry.create_chat(db, "other", ["garden"], "none")
+
     proc = run_cli("remove", "notes", "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["removed"] is True
     assert not any(f.exists() for f in folders)  # conversations, checkpoints and cartridges are gone
     assert private.is_dir() and len(list(private.iterdir())) == 3  # the user's folder is untouched
+    db = registry.open_registry()
+    assert [c["id"] for c in registry.list_chats(db)] == [kept]  # chats that quote it go with it
+    assert not list(db["messages"].rows_where("content LIKE ?", ["%Brackwater%"]))
 
     # A new folder under the same name (and, in SQLite, possibly the same row id) starts from nothing.
     public = notes(tmp_path / "public")
