@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import registry
@@ -219,47 +219,87 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
 
 
 @dataclass
-class Increment:
-    """How a version is trained from the previous ready one: reused conversations, files to study anew."""
+class Plan:
+    """What a run trains on, fixed before any work starts; resuming continues exactly this.
 
-    from_version: int
-    embeddings: object  # the previous cartridge's [p, hidden] tensor, the warm start
-    reused: list
-    changed_files: set[str]
-    n_new: int
+    full: the first `conversations` of the version's self-study. incremental: the `reused` conversations
+    of `from_version` whose files are unchanged, then `new` ones about `changed_files`, warm-started from
+    that version's cartridge.
+    """
+
+    kind: str  # "full" | "incremental"
+    conversations: int  # how many the version's conversations folder holds when training starts
+    from_version: int | None = None
+    reused: int = 0
+    new: int = 0
+    changed_files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> dict:
+        return {"from_version": self.from_version, "reused": self.reused, "new": self.new,
+                "changed_files": self.changed_files}
+
+    @classmethod
+    def from_config(cls, saved: dict, cfg: TrainConfig) -> "Plan":
+        """The plan an interrupted run recorded (runs from before plans were recorded: rebuilt from its summary)."""
+        if "plan" in saved:
+            return cls(**saved["plan"])
+        inc = saved.get("incremental")
+        if inc:
+            return cls("incremental", inc["reused"] + inc["new"], inc["from_version"], inc["reused"], inc["new"],
+                       list(inc["changed_files"]))
+        return cls("full", cfg.conversations)
 
 
-def plan_increment(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents) -> Increment | None:
-    """Reuse what still holds from the newest earlier ready version, or None for a full train.
+def _earlier_ready(db, corpus: dict, row: dict) -> dict | None:
+    earlier = [v for v in registry.list_versions(db, corpus["id"])
+               if v["number"] < row["number"] and v["status"] == "ready" and v["cartridge"]]
+    return earlier[-1] if earlier else None
+
+
+def previous_cartridge(db, corpus: dict, number: int, lm):
+    """The warm start of an incremental plan: that version's cartridge embeddings."""
+    from engine.cartridge import load_cartridge
+
+    return load_cartridge(Path(registry.get_version(db, corpus, number)["cartridge"]), lm).embeddings
+
+
+def reused_conversations(db, corpus: dict, number: int, documents) -> list:
+    """Conversations of version `number` whose files all still have the same content."""
+    current = {d.path: d.sha256 for d in documents}
+    old = read_conversations(synth_dir(corpus, number))
+    return [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
+
+
+def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incremental: bool = True) -> Plan:
+    """Reuse what still holds from the newest earlier ready version (incremental), else a full plan.
 
     Conversations whose chunks come only from unchanged files are kept; new and changed files get new
     conversations in proportion to their share of the corpus; deleted files' conversations are dropped.
     """
-    from engine.cartridge import load_cartridge
     from engine.errors import CartridgeMismatch
 
-    earlier = [v for v in registry.list_versions(db, corpus["id"])
-               if v["number"] < row["number"] and v["status"] == "ready" and v["cartridge"]]
-    if not earlier:
-        return None
-    prev = earlier[-1]
+    full = Plan("full", cfg.conversations)
+    prev = _earlier_ready(db, corpus, row) if incremental else None
+    if prev is None:
+        return full
     try:
-        cartridge = load_cartridge(Path(prev["cartridge"]), lm)
+        if previous_cartridge(db, corpus, prev["number"], lm).shape[0] != cfg.p:
+            return full
     except CartridgeMismatch:
-        return None
-    if cartridge.p != cfg.p:
-        return None
+        return full
     current = {d.path: d.sha256 for d in documents}
     before = {f["path"]: f["sha256"] for f in registry.version_files(db, prev["id"])}
-    changed = {path for path, sha in current.items() if before.get(path) != sha}
-    old = read_conversations(synth_dir(corpus, prev["number"]))
-    reused = [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
+    changed = sorted(path for path, sha in current.items() if before.get(path) != sha)
+    reused = reused_conversations(db, corpus, prev["number"], documents)
     if cfg.teacher == "corpus" and len(reused) < cfg.conversations // 2:
-        return None  # a corpus-wide teacher saw the changed files in most answers: train afresh
+        return full  # a corpus-wide teacher saw the changed files in most answers: train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
     share = sum(tokens.get(p, 0) for p in changed) / max(1, sum(tokens.values()))
     n_new = 0 if not changed else max(cfg.batch_size, math.ceil(cfg.conversations * share))
-    return Increment(prev["number"], cartridge.embeddings, reused, changed, n_new)
+    return Plan("incremental", len(reused) + n_new, prev["number"], len(reused), n_new, changed)
 
 
 def _replay(kept: list, n_fresh: int, cfg: TrainConfig) -> list:
@@ -302,11 +342,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         previous = candidates[-1]
         saved = json.loads(previous["config"])
         cfg = TrainConfig(**saved["train"])
-        resumed_increment = saved.get("incremental")
         model, preset = saved.get("model"), saved.get("preset", preset)
     else:
         cfg = make_config(preset, **overrides)
-        resumed_increment = None
 
     report = on_progress or (lambda progress: None)
     report(Progress("load", message=f"loading model {model or 'default'}"))
@@ -329,49 +367,56 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
         folder = synth_dir(corpus, row["number"])
         _prepare_synth_dir(folder, _synth_settings(cfg, lm.fingerprint, corpus, row))
-        increment = plan_increment(db, corpus, row, lm, cfg, documents) if incremental and not resume else None
 
+        # 1. Plan: fixed and recorded before any work, so that a resumed run trains on the same data.
+        if previous is not None:
+            plan = Plan.from_config(saved, cfg)
+        else:
+            plan = make_plan(db, corpus, row, lm, cfg, documents, incremental)
+        config_doc["plan"] = plan.to_json()
+        if plan.kind == "incremental":
+            config_doc["incremental"] = plan.summary()
+        registry.update_run_config(db, run_id, config_doc)
+
+        # 2. Synthesize what the plan still lacks.
         def on_synth(progress: Progress) -> None:
             report(progress)
             registry.add_metric(db, run_id, "synthesis", progress.done, data={"rate": progress.rate})
 
-        if resumed_increment is not None:
-            # Same data as the interrupted incremental run: its fresh conversations plus the same replay.
-            every = read_conversations(folder)
-            kept = resumed_increment["reused"]
-            conversations = every[kept:] + _replay(every[:kept], resumed_increment["new"], cfg)
-            init_text = corpus_init_text(sampler, cfg.p, cfg.init)
-            config_doc["incremental"] = resumed_increment
-        elif increment is None:
+        warm_start = None
+        if plan.kind == "incremental":
+            if previous is None or count_conversations(folder) < plan.reused:  # a new plan starts from its reuse
+                shutil.rmtree(folder, ignore_errors=True)
+                _prepare_synth_dir(folder, _synth_settings(cfg, lm.fingerprint, corpus, row))
+                _write_in_shards(folder, reused_conversations(db, corpus, plan.from_version, documents)[: plan.reused])
+            warm_start = previous_cartridge(db, corpus, plan.from_version, lm)
+        if plan.new or plan.kind == "full":
             synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, on_progress=on_synth,
-                               should_stop=should_stop)
-            conversations = read_conversations(folder)[: cfg.conversations]
-            init_text = corpus_init_text(sampler, cfg.p, cfg.init)
-        else:
-            if count_conversations(folder) == 0:
-                _write_in_shards(folder, increment.reused)
-            kept = len(increment.reused)
-            if increment.n_new:
-                synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, only_files=increment.changed_files,
-                                   target=kept + increment.n_new, on_progress=on_synth, should_stop=should_stop)
-            every = read_conversations(folder)
-            fresh = every[kept:]
-            conversations = fresh + _replay(every[:kept], len(fresh), cfg)
-            cfg = cfg.replace(steps=cfg.steps or max(1, math.ceil(len(conversations) / cfg.batch_size)))
-            config_doc["train"] = asdict(cfg)
-            config_doc["incremental"] = {"from_version": increment.from_version, "reused": kept,
-                                         "new": len(fresh), "changed_files": sorted(increment.changed_files)}
-            registry.update_run_config(db, run_id, config_doc)
+                               should_stop=should_stop, target=plan.conversations,
+                               only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
         if should_stop and should_stop():
             return _stopped(db, corpus, row, run_id)
+
+        # 3. The training set the plan names.
+        every = read_conversations(folder)[: plan.conversations]
+        if plan.kind == "incremental":
+            fresh = every[plan.reused:]
+            conversations = fresh + _replay(every[:plan.reused], len(fresh), cfg)
+            if cfg.steps is None:
+                cfg = cfg.replace(steps=max(1, math.ceil(len(conversations) / cfg.batch_size)))
+                config_doc["train"] = asdict(cfg)
+                registry.update_run_config(db, run_id, config_doc)
+        else:
+            conversations = every
         if not conversations:
             raise UserError("self-study produced no usable conversations")
         conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
-        if increment is None:
-            # Initialise from the first p tokens of the corpus (wrapped as a system message).
-            peft_model = create_cartridge_model(lm, cfg.p, init_text)
+
+        # 4. Distill, from the corpus's own tokens (full) or the previous cartridge (incremental).
+        if warm_start is None:
+            peft_model = create_cartridge_model(lm, cfg.p, corpus_init_text(sampler, cfg.p, cfg.init))
         else:
-            peft_model = create_cartridge_model(lm, cfg.p, embeddings=increment.embeddings)
+            peft_model = create_cartridge_model(lm, cfg.p, embeddings=warm_start)
 
         def on_step(m: StepMetrics) -> None:
             report(Progress("training", m.step, m.total_steps, m.eta_s, m.tokens_per_s, m.loss))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
-from engine import registry
+from engine import pipeline, registry
 from engine.errors import UserError
 from engine.pipeline import process_started, recover_interrupted, run_alive
 
@@ -52,3 +53,71 @@ def test_a_reused_pid_does_not_keep_a_stale_run_alive(db, cartridge_home):
     assert registry.get_run(db, stale)["status"] == "interrupted"
     # ... so it no longer blocks a new run.
     assert registry.start_run(db, corpus["id"], version["id"], {}, pid=me, pid_started=process_started(me)) > stale
+
+
+def test_an_interrupted_incremental_run_resumes_its_own_plan(tmp_path, cartridge_home):
+    """Killed during synthesis, then again before its first checkpoint: each resume continues the plan the
+    run recorded before any work (same reused conversations, same files studied anew, same warm start)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ASSETS, ROOT, run_cli
+    from engine.conversations import read_conversations
+    from engine.pipeline import synth_dir
+
+    root = tmp_path / "notes"
+    shutil.copytree(ASSETS / "sample", root)
+    flags = ["--tokens", "16", "--conversations", "16", "--steps", "4", "--chunk-tokens", "96", "--batch-size", "2"]
+    assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "notes", *flags, env_home=cartridge_home).returncode == 0
+    changed = sorted(p.name for p in root.iterdir() if p.suffix == ".md")[0]
+    (root / changed).write_text((root / changed).read_text() + "\nThe spare keys hang behind the red door.\n")
+    assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
+    db = registry.open_registry()
+    corpus = registry.get_corpus(db, "notes")
+    v1 = read_conversations(synth_dir(corpus, 1))
+    env = {**os.environ, "CARTRIDGE_HOME": str(cartridge_home), "PYTHONPATH": str(ROOT)}
+
+    def killed_when(ready, args):
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", "notes", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the run never got there"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        pipeline.recover_interrupted(db)
+        return registry.list_runs(db, corpus["id"])[-1]
+
+    def synthesizing():
+        runs = registry.list_runs(db, corpus["id"])
+        return len(runs) == 2 and registry.run_metrics(db, runs[-1]["id"], "synthesis")
+
+    run = killed_when(synthesizing, flags)
+    assert run["status"] == "interrupted"
+    plan = json.loads(run["config"])["plan"]
+    assert plan["kind"] == "incremental" and plan["from_version"] == 1 and plan["changed_files"] == [changed]
+    assert 0 < plan["reused"] < 16 and plan["new"] >= 2
+
+    # Resumed, and killed again once training steps run (the first checkpoint comes at step 25).
+    def training():
+        return registry.run_metrics(db, run["id"], "training")
+    again = killed_when(training, ["--resume"])
+    assert again["id"] == run["id"] and json.loads(again["config"])["plan"] == plan
+
+    proc = run_cli("train", "notes", "--resume", "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    final = registry.get_run(db, doc["run_id"])
+    assert final["id"] == run["id"] and final["status"] == "done" and json.loads(final["config"])["plan"] == plan
+    v2 = read_conversations(synth_dir(corpus, 2))
+    assert len(v2) == plan["reused"] + plan["new"]
+    unchanged = [c for c in v1 if changed not in c.files]
+    assert [c.user for c in v2[:plan["reused"]]] == [c.user for c in unchanged]  # the same reuse
+    assert all(changed in c.files for c in v2[plan["reused"]:])  # the changed file studied anew
+    assert registry.get_corpus(db, "notes")["current_version"] == 2
