@@ -103,41 +103,49 @@ def _train_overrides(args) -> dict:
 
 
 class _Bars:
-    """tqdm bars for the phases of a training job (stderr; hidden with --json or off a terminal)."""
+    """Training progress on stderr: tqdm bars on a terminal (with --json too), one-line phase updates
+    (each phase, then every tenth of it) when stderr is a file or a pipe."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.phase = enabled, None, None
+    def __init__(self, terminal: bool):
+        self.terminal, self.bar, self.phase, self.tenth = terminal, None, None, -1
 
     def __call__(self, progress) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
         if progress.phase != self.phase:
-            if self.bar is not None:
-                self.bar.close()
-            self.phase, self.bar = progress.phase, None
-            if progress.phase in ("synthesis", "training"):
+            self.close()
+            self.phase, self.bar, self.tenth = progress.phase, None, -1
+            if self.terminal and progress.phase in ("synthesis", "training"):
+                from tqdm import tqdm
+
                 unit = " conv" if progress.phase == "synthesis" else " step"
                 self.bar = tqdm(total=progress.total, desc=progress.phase, unit=unit, file=sys.stderr)
             elif progress.message:
-                print(progress.message, file=sys.stderr)
+                print(progress.message, file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.n = progress.done
             if progress.phase == "training":
                 self.bar.set_postfix(loss=f"{progress.loss:.4f}", tok_s=f"{progress.rate:.0f}", refresh=False)
             self.bar.refresh()
+        elif progress.phase in ("synthesis", "training") and progress.total:
+            tenth = 10 * progress.done // progress.total
+            if tenth > self.tenth:
+                self.tenth = tenth
+                what = "conversations" if progress.phase == "synthesis" else "steps"
+                loss = f", loss {progress.loss:.4f}" if progress.phase == "training" and progress.loss else ""
+                eta = f", {progress.eta_s / 60:.1f} min left" if progress.eta_s else ""
+                print(f"{progress.phase}: {progress.done}/{progress.total} {what}{loss}{eta}", file=sys.stderr,
+                      flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def cmd_train(args) -> None:
     from engine import pipeline, registry
 
     db = registry.open_registry()
-    bars = _Bars(not args.json)
+    bars = _Bars(sys.stderr.isatty())
     try:
         outcome = pipeline.train(db, args.corpus, version=args.version, preset=args.preset, model=args.model,
                                  device=args.device, resume=args.resume, on_progress=bars, **_train_overrides(args))
@@ -409,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ def torch_cartridge(lm, p: int):
 
     ids = init_ids(lm, p, sample_text())
     with torch.no_grad():
-        cache = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True).past_key_values
+        cache = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True).cache
     layers = []
     for layer in range(lm.n_layers):
         keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [heads, p, dim]

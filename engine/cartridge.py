@@ -105,7 +105,7 @@ def create_cartridge_model(lm: LoadedModel, p: int, init_text: str | None = None
         ids = torch.tensor([init_ids(lm, p, init_text)], device=lm.device)
         with torch.no_grad(), peft_model.disable_adapter():
             out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=out.past_key_values)
+        initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=out.cache)
     encoder.float()  # trainable state in fp32 even over a bf16 model; PEFT casts it per forward
     return peft_model
 
@@ -151,6 +151,8 @@ def save_cartridge(embeddings: torch.Tensor, peft_config, folder: Path, metadata
     config = replace(peft_config, num_virtual_tokens=int(emb.shape[0]), inference_mode=True)
     meta = {"format": FORMAT, **metadata, "p": int(emb.shape[0])}
 
+    for stale in folder.parent.glob(f".{folder.name}.*-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -281,8 +283,8 @@ def generate(
     with lm.autocast():
         for _ in range(max_new_tokens):
             mask = torch.ones(1, p + len(prompt_ids) + len(out), device=lm.device, dtype=torch.long)
-            result = lm.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = result.past_key_values
+            result = lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = result.cache
             logits = result.logits[0, -1].float()
             if guard is not None and (banned := guard.banned()):
                 logits[banned] = float("-inf")

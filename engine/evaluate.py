@@ -59,7 +59,7 @@ def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     """The KV of `ids` packed like a cartridge ([n, layers*2*heads*head_dim]), to reuse one prefill many times."""
     with lm.autocast():
         out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(lm.n_layers)]
     packed = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
     return packed.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float().cpu()
@@ -95,7 +95,7 @@ class Scorer:
         ids = torch.tensor([rest], device=lm.device)
         mask = torch.ones(1, n_prefix + len(rest), dtype=torch.long, device=lm.device)
         with lm.autocast():
-            logits = lm.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+            logits = lm.model(input_ids=ids, attention_mask=mask, cache=cache,
                               use_cache=cache is not None).logits[0].float()
         first = len(prompt) - self.skip  # index in `rest` of the first answer token
         logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
@@ -151,7 +151,7 @@ def time_to_first_token(lm: LoadedModel, embeddings: torch.Tensor | None, prompt
     mask = torch.ones(1, n_prefix + len(prompt_ids), dtype=torch.long, device=lm.device)
     with lm.autocast():
         logits = lm.model(input_ids=torch.tensor([prompt_ids], device=lm.device), attention_mask=mask,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                          cache=cache, use_cache=True, logits_to_keep=1).logits
     int(logits[0, -1].argmax())
     return time.perf_counter() - start
 

@@ -236,7 +236,7 @@ def _prefill(lm: LoadedModel, prefixes: list[list[int]], pad_id: int):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with lm.autocast():
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, mask
+    return out.cache, mask
 
 
 @torch.no_grad()
@@ -276,9 +276,9 @@ def _decode(
     for _ in range(max_new_tokens):
         # No autocast here: it re-casts every weight matrix at each call, which costs more than it saves
         # when a step processes one token per row (measured ~1.4x slower on CPU).
-        result = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        result = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=True, logits_to_keep=1)
-        cache = result.past_key_values
+        cache = result.cache
         logits = result.logits[:, -1].float()
         if k:
             top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)

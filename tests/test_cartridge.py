@@ -46,7 +46,7 @@ def _logits_with_cache(lm, embeddings, ids):
     p = embeddings.shape[0]
     with torch.no_grad():
         mask = torch.ones(1, p + len(ids), dtype=torch.long)
-        return lm.model(input_ids=torch.tensor([ids]), past_key_values=to_cache(embeddings, lm), attention_mask=mask).logits[0]
+        return lm.model(input_ids=torch.tensor([ids]), cache=to_cache(embeddings, lm), attention_mask=mask).logits[0]
 
 
 def _meta(lm, **extra):

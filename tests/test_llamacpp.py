@@ -59,7 +59,7 @@ def texts():
 def torch_kv(lm, ids: list[int]) -> torch.Tensor:
     """The KV torch computes for `ids` at positions 0.., as a [p, width] cartridge tensor (PEFT layout)."""
     with torch.no_grad():
-        cache = lm.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        cache = lm.model(input_ids=torch.tensor([ids]), use_cache=True).cache
     layers = []
     for layer in range(lm.n_layers):
         keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [heads, p, dim]
@@ -72,7 +72,7 @@ def torch_logits(lm, embeddings: torch.Tensor, ids: list[int]) -> np.ndarray:
     p = embeddings.shape[0]
     with torch.no_grad():
         mask = torch.ones(1, p + len(ids), dtype=torch.long)
-        out = lm.model(input_ids=torch.tensor([ids]), past_key_values=to_cache(embeddings, lm), attention_mask=mask)
+        out = lm.model(input_ids=torch.tensor([ids]), cache=to_cache(embeddings, lm), attention_mask=mask)
     return out.logits[0].float().numpy()
 
 
