@@ -173,7 +173,7 @@ def cmd_chat(args) -> None:
 
     db = registry.open_registry()
     chat = inference.open_chat(db, args.corpus, version=args.version, mode=args.mode, model=args.model,
-                               device=args.device, engine=args.engine)
+                               device=args.device, engine=args.engine, rag_tokens=args.rag_tokens)
     if args.prompt is not None:
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
         reply = chat.reply([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_tokens,
@@ -182,6 +182,7 @@ def cmd_chat(args) -> None:
             _print_json(reply.to_json())
         else:
             print(f"\n[{reply.mode}, first token {reply.ttft_s:.2f} s, {reply.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+            _print_sources(reply)
         return
     names = ", ".join(args.corpus)
     print(f"chatting with {names} ({args.mode}); an empty line or Ctrl-D ends the chat", file=sys.stderr)
@@ -198,7 +199,14 @@ def cmd_chat(args) -> None:
         reply = chat.reply(history, max_new_tokens=args.max_tokens, temperature=args.temperature,
                            on_text=lambda piece: print(piece, end="", flush=True))
         print(f"\n[{reply.ttft_s:.2f} s to first token, {reply.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        _print_sources(reply)
         history.append({"role": "assistant", "content": reply.answer})
+
+
+def _print_sources(reply) -> None:
+    if reply.mode in ("rag", "cartridge+rag"):
+        used = ", ".join(f"{s['path']}:{s['lines'][0]}-{s['lines'][1]}" for s in reply.sources) or "none found"
+        print(f"[sources: {used}]", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
@@ -207,16 +215,18 @@ def cmd_eval(args) -> None:
     db = registry.open_registry()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = evaluate.evaluate(db, args.corpus, args.qa, modes=modes, version=args.version, model=args.model,
-                               device=args.device, engine=args.engine)
+                               device=args.device, engine=args.engine, rag_tokens=args.rag_tokens)
     if args.json:
         _print_json(result)
         return
     graded = f", {result['graded']} with expected strings (answers up to {result['answer_tokens']} tokens)" \
         if result["graded"] else ""
     print(f"{result['corpus']} v{result['version']}: {result['questions']} questions{graded}")
+    for mode, why in result.get("skipped", {}).items():
+        print(f"  {mode:<13} skipped: {why}")
     for mode, figures in result["modes"].items():
         accuracy = f"   accuracy {figures['accuracy']:6.1%}" if "accuracy" in figures else ""
-        print(f"  {mode:<10} answer NLL {figures['nll']:.4f}{accuracy}   KV {figures['kv_bytes'] / 1e6:8.2f} MB   "
+        print(f"  {mode:<13} answer NLL {figures['nll']:.4f}{accuracy}   KV {figures['kv_bytes'] / 1e6:8.2f} MB   "
               f"first token {figures['ttft_s']:.3f} s")
     if result["recovered"] is not None:
         print(f"  recovered {result['recovered']:.1%} of in-context learning's gain")
@@ -367,7 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with one or more corpora (cartridges composed)")
     p.add_argument("corpus", nargs="+")
     p.add_argument("--version", type=int, help="version to use (one corpus only; default: current)")
-    p.add_argument("--mode", default="cartridge", choices=["cartridge", "icl", "none"])
+    p.add_argument("--mode", default="cartridge", choices=["cartridge", "icl", "none", "rag", "cartridge+rag"],
+                   help="rag: passages found for each question; cartridge+rag: the cartridge plus those passages")
+    p.add_argument("--rag-tokens", type=int, metavar="N",
+                   help="token budget of the retrieved passages (default: the cartridge's p)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -377,11 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="score gold answers with none / icl / cartridge")
+    p = sub.add_parser("eval", help="score gold answers with none / icl / cartridge / rag")
     p.add_argument("corpus")
     p.add_argument("--qa", required=True, help="JSON Lines of {\"question\", \"answer\"}")
     p.add_argument("--modes", default="none,icl,cartridge",
-                   help="comma-separated, from none, icl, init (the untrained cartridge) and cartridge")
+                   help="comma-separated, from none, icl, init (the untrained cartridge), cartridge, rag and "
+                        "cartridge+rag")
+    p.add_argument("--rag-tokens", type=int, metavar="N",
+                   help="token budget of the retrieved passages (default: the cartridge's p)")
     p.add_argument("--version", type=int)
     p.add_argument("--model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

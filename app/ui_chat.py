@@ -15,7 +15,8 @@ from app.ui_common import corpus_names, guarded, keep, open_db, parse_version, v
 from engine import library, registry
 from engine.errors import UserError
 
-MODES = [("Cartridge", "cartridge"), ("Whole folder in context (icl)", "icl"), ("No corpus (none)", "none")]
+MODES = [("Cartridge", "cartridge"), ("Cartridge + retrieved passages", "cartridge+rag"),
+         ("Retrieved passages (rag)", "rag"), ("Whole folder in context (icl)", "icl"), ("No corpus (none)", "none")]
 EXPORT_DIR = Path(tempfile.mkdtemp(prefix="cartridge-chats-"))
 STREAM_EVERY_S = 0.08
 
@@ -163,7 +164,7 @@ def build(ctx) -> dict:
                                           on_text=pieces.put, should_stop=stop_event.is_set)
                 meta = {"mode": reply.mode, "versions": reply.versions, "ttft_s": reply.ttft_s,
                         "tokens_per_s": reply.tokens_per_s, "kv_bytes": reply.kv_bytes,
-                        "stopped": stop_event.is_set()}
+                        "stopped": stop_event.is_set(), "sources": reply.sources}
                 with open_db() as db:
                     if replace_last:
                         registry.delete_last_messages(db, cid, 1)

@@ -14,7 +14,7 @@ from engine.errors import UserError
 
 SAMPLE_QA = Path(__file__).resolve().parent.parent / "assets" / "sample_qa.jsonl"
 MODE_LABELS = {"none": "none (no corpus)", "icl": "icl (folder in context)", "init": "untrained cartridge",
-               "cartridge": "cartridge"}
+               "cartridge": "cartridge", "rag": "rag (retrieved passages)", "cartridge+rag": "cartridge + rag"}
 TABLE_HEADERS = ["Mode", "Accuracy (higher is better)", "Answer NLL (lower is better)", "KV memory",
                  "Time to first token"]
 
@@ -29,6 +29,8 @@ def result_views(result: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[list], 
     rows = [[MODE_LABELS.get(m, m), f"{100 * graded[m]:.0f}%" if m in graded else "-", f"{f['nll']:.4f}",
              f"{f['kv_bytes'] / 1e6:,.2f} MB", f"{f['ttft_s']:.3f} s"] for m, f in modes.items()]
     lines = [f"### {html.escape(result['corpus'])} v{result['version']} · {result['questions']} questions"]
+    for mode, why in (result.get("skipped") or {}).items():
+        lines.append(f"{MODE_LABELS.get(mode, mode)} was skipped: {html.escape(why)}.")
     if graded:
         lines.append(f"Accuracy: the share of the {result['graded']} questions with expected strings whose generated "
                      f"answer (up to {result['answer_tokens']} tokens, decoded as in chat) contains them all.")

@@ -3,7 +3,10 @@
 Per mode, the mean per-token negative log-likelihood of each gold answer scored as the assistant turn
 after its question in the chat template. `recovered = (none - cartridge) / (none - icl)` is the share
 of in-context learning's gain that the cartridge recovers. The `init` mode scores the untrained cartridge
-(the KV of the corpus's first p tokens, as training starts from), to show what training added.
+(the KV of the corpus's first p tokens, as training starts from), to show what training added. `rag`
+puts the passages retrieved for each question in the prompt (the cartridge's p tokens by default), and
+`cartridge+rag` puts them after the cartridge. A corpus too long for the model's context skips `icl`,
+with the reason under "skipped".
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from engine.cartridge import compose, corpus_init_text, generate, init_ids, kv_b
 from engine.corpus import ChunkSampler, assemble, version_documents
 from engine.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
+from engine.inference import RAG_MODES
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
-EVAL_MODES = ("none", "icl", "init", "cartridge")
+EVAL_MODES = ("none", "icl", "init", "cartridge", "rag", "cartridge+rag")
+NEEDS_CARTRIDGE = ("init", "cartridge", "cartridge+rag")
 EVAL_DECODING = Decoding(max_new_tokens=EVAL_ANSWER_TOKENS, temperature=0.0,
                          no_repeat_ngram=DEFAULT_DECODING.no_repeat_ngram)
 
@@ -68,8 +73,9 @@ def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
 class Scorer:
     """Scores answers after a fixed prefix: a cartridge, the corpus as system prompt (prefilled once), or none."""
 
-    def __init__(self, lm: LoadedModel, *, embeddings: torch.Tensor | None = None, system: str | None = None):
-        self.lm, self.system = lm, system
+    def __init__(self, lm: LoadedModel, *, embeddings: torch.Tensor | None = None, system: str | None = None,
+                 context: Callable[[str], str] | None = None):
+        self.lm, self.system, self.context = lm, system, context
         self.skip = 0  # leading prompt tokens already held by the prefix
         self.prefix = embeddings
         if system is not None:
@@ -78,8 +84,9 @@ class Scorer:
             self.system_ids = system_ids
 
     def messages(self, question: str) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": question}]
+        """The prompt: a fixed system prompt (icl), one made for the question (`context`: rag), or none."""
+        system = self.context(question) if self.context is not None else self.system
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
     @torch.no_grad()
     def nll(self, question: str, answer: str) -> float:
@@ -117,8 +124,9 @@ class LlamaCppScorer(Scorer):
     """The same scores on llama.cpp (the GGUF as quantised): the prefix is written or evaluated once and
     each question is evaluated after it with every position's logits."""
 
-    def __init__(self, lm: LoadedModel, llama, *, embeddings: torch.Tensor | None = None, system: str | None = None):
-        self.lm, self.llama, self.system, self.skip = lm, llama, system, 0
+    def __init__(self, lm: LoadedModel, llama, *, embeddings: torch.Tensor | None = None, system: str | None = None,
+                 context: Callable[[str], str] | None = None):
+        self.lm, self.llama, self.system, self.context, self.skip = lm, llama, system, context, 0
         llama.clear()
         if embeddings is not None:
             llama.inject(embeddings)
@@ -168,7 +176,8 @@ def llama_time_to_first_token(llama, embeddings: torch.Tensor | None, prompt_ids
 def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
              version: int | None = None, model: str | None = None, device: str | None = None,
              cartridge_folder: Path | None = None, engine: str | None = None,
-             on_progress: Callable[[str, int, int], None] | None = None, decoding: Decoding = EVAL_DECODING) -> dict:
+             on_progress: Callable[[str, int, int], None] | None = None, decoding: Decoding = EVAL_DECODING,
+             rag_tokens: int | None = None) -> dict:
     """Run the QA file through each mode; returns {"modes": {mode: {nll, accuracy, kv_bytes, ttft_s}},
     "recovered", ...}. Lines with "expect" also get a generated answer per mode (`decoding`, as chat
     decodes but capped at EVAL_ANSWER_TOKENS): `accuracy` is the share containing all their expect strings."""
@@ -179,7 +188,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     corpus = registry.get_corpus(db, corpus_name)
     row = registry.get_version(db, corpus, version)
     cartridge = None
-    if "cartridge" in modes or "init" in modes:
+    if any(m in NEEDS_CARTRIDGE for m in modes):
         if cartridge_folder is None:
             if row["status"] != "ready" or not row["cartridge"]:
                 raise UserError(f"{corpus_name!r} v{row['number']} has no trained cartridge yet: run `cartridge train`")
@@ -207,24 +216,40 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     documents = version_documents(db, row)
     corpus_text = assemble(documents)
     prefixes = {"cartridge": compose([cartridge]) if cartridge is not None else None}
+    prefixes["cartridge+rag"] = prefixes["cartridge"]
+    context = None
+    if any(m in RAG_MODES for m in modes):
+        from engine.inference import _cartridge_p
+        from engine.retrieval import rag_system_prompt, retrieve
+
+        if rag_tokens is not None and rag_tokens < 1:
+            raise UserError("--rag-tokens must be at least 1")
+        budget = rag_tokens or (cartridge.p if cartridge is not None else _cartridge_p(row))
+
+        def context(question: str) -> str:
+            count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            return rag_system_prompt(retrieve(db, [row], question, budget, count))
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
         how = (cartridge.meta.get("training") or {}).get("train", {}).get("init", "first")
         prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p, how)))
     graded = [item for item in qa if item.get("expect")]
     results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
     for mode in modes:
         system = context_system_prompt(corpus_text) if mode == "icl" else None
         embeddings = prefixes.get(mode)
         if system is not None:
             n_system = len(chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False))
             if n_system + 512 > lm.max_positions:
-                raise UserError(f"the corpus ({n_system:,} tokens) does not fit the model's context "
-                                f"({lm.max_positions:,}); evaluate without icl")
+                skipped[mode] = (f"the corpus ({n_system:,} tokens) does not fit the model's context "
+                                 f"({lm.max_positions:,} positions)")
+                continue
+        asks = context if mode in RAG_MODES else None
         if llama is not None:
-            scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system)
+            scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system, context=asks)
         else:
-            scorer = Scorer(lm, embeddings=embeddings, system=system)
+            scorer = Scorer(lm, embeddings=embeddings, system=system, context=asks)
         scores, generated = [], []
         for i, item in enumerate(qa):
             scores.append(scorer.nll(item["question"], item["answer"]))
@@ -235,8 +260,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             generated.append({"question": item["question"], "answer": text, "correct": contains_all(text, item["expect"])})
             if on_progress:
                 on_progress(mode, len(qa) + i + 1, len(qa) + len(graded))
-        first_prompt = chat_ids(lm.tokenizer, ([{"role": "system", "content": system}] if system else [])
-                                + [{"role": "user", "content": qa[0]["question"]}], add_generation_prompt=True)
+        first_prompt = chat_ids(lm.tokenizer, scorer.messages(qa[0]["question"]), add_generation_prompt=True)
         prefix_len = embeddings.shape[0] if embeddings is not None else 0
         results[mode] = {
             "nll": round(sum(scores) / len(scores), 4),
@@ -255,4 +279,5 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             recovered = round((results["none"]["nll"] - results["cartridge"]["nll"]) / gain, 4)
     return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "graded": len(graded),
             "answer_tokens": decoding.max_new_tokens, "model": lm.spec,
-            "engine": "llama.cpp" if llama is not None else "torch", "modes": results, "recovered": recovered}
+            "engine": "llama.cpp" if llama is not None else "torch", "modes": results, "recovered": recovered,
+            "skipped": skipped}

@@ -1,4 +1,5 @@
-"""Chat with a model plus cartridges (composed when several), the corpus in context (icl), or nothing.
+"""Chat with a model plus cartridges (composed when several), the corpus in context (icl), passages
+retrieved for each question (rag), a cartridge plus retrieved passages (cartridge+rag), or nothing.
 
 The prompt is always built by `chat_ids`, the format the cartridge was trained on.
 """
@@ -18,7 +19,11 @@ from engine.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
 from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
-MODES = ("cartridge", "icl", "none")
+MODES = ("cartridge", "icl", "none", "rag", "cartridge+rag")
+CARTRIDGE_MODES = ("cartridge", "cartridge+rag")
+DEFAULT_CONTEXT = 8192  # the bundled model's positions
+ICL_MARGIN = 512  # room for the question and the answer next to the corpus
+RAG_MODES = ("rag", "cartridge+rag")
 
 
 @dataclass
@@ -32,11 +37,12 @@ class Reply:
     n_tokens: int
     versions: list[dict] = field(default_factory=list)  # [{"corpus", "version"}] that answered
     engine: str = "torch"
+    sources: list[dict] = field(default_factory=list)  # rag modes: [{"path", "lines": [first, last]}] used
 
     def to_json(self) -> dict:
         return {"answer": self.answer, "mode": self.mode, "cartridges": self.cartridges, "ttft_s": self.ttft_s,
                 "tokens_per_s": self.tokens_per_s, "kv_bytes": self.kv_bytes, "versions": self.versions,
-                "engine": self.engine}
+                "engine": self.engine, "sources": self.sources}
 
 
 @dataclass
@@ -48,11 +54,15 @@ class Target:
     mode: str
     cartridge_folders: list[Path]
     model_spec: str | None
+    rag_tokens: int = 0  # rag modes: the retrieved passages' token budget
 
 
 def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: str = "cartridge",
-            model: str | None = None) -> Target:
-    """Look up each corpus's version (its current one, or `version`) and, for cartridge mode, its cartridge."""
+            model: str | None = None, rag_tokens: int | None = None) -> Target:
+    """Look up each corpus's version (its current one, or `version`) and, for cartridge modes, its cartridge.
+
+    The rag budget defaults to the cartridges' p (the quick preset's p for a corpus without one), so
+    retrieval and the cartridge hold the same KV memory."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     if version is not None and len(corpus_names) > 1:
@@ -61,7 +71,7 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
     for name in corpus_names:
         corpus = registry.get_corpus(db, name)
         row = registry.get_version(db, corpus, version)
-        if mode == "cartridge":
+        if mode in CARTRIDGE_MODES:
             if row["status"] != "ready" or not row["cartridge"]:
                 ready = [v for v in registry.list_versions(db, corpus["id"]) if v["status"] == "ready"]
                 if version is None and ready:
@@ -71,7 +81,12 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
             folders.append(Path(row["cartridge"]))
         corpora.append(corpus)
         versions.append(row)
-    if mode == "cartridge" and model is None:
+    if mode == "icl":
+        _check_icl_fits(versions, model)
+    if rag_tokens is not None and rag_tokens < 1:
+        raise UserError("--rag-tokens must be at least 1")
+    budget = rag_tokens or sum(_cartridge_p(v) for v in versions)
+    if mode in CARTRIDGE_MODES and model is None:
         specs = set()
         for folder in folders:
             try:
@@ -83,7 +98,28 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
         if len(specs) > 1:
             raise UserError(f"these cartridges were trained on different models ({', '.join(map(str, specs))})")
         model = specs.pop() if specs else None
-    return Target(corpora, versions, mode, folders, model)
+    return Target(corpora, versions, mode, folders, model, budget if mode in RAG_MODES else 0)
+
+
+def _check_icl_fits(versions: list[dict], model: str | None) -> None:
+    """Refuse icl for a corpus longer than the bundled model's context before loading anything."""
+    from engine.tokenizer import is_default
+
+    tokens = sum(int(v.get("tokens") or 0) for v in versions)
+    if is_default(model) and tokens + ICL_MARGIN > DEFAULT_CONTEXT:
+        raise UserError(f"the corpus ({tokens:,} tokens) does not fit the model's context ({DEFAULT_CONTEXT:,} "
+                        "positions): chat with its cartridge, or use --mode rag")
+
+
+def _cartridge_p(version: dict) -> int:
+    import json
+
+    from engine.training import PRESETS
+
+    try:
+        return int(json.loads((Path(version["cartridge"]) / "cartridge.json").read_text())["p"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return PRESETS["quick"].p
 
 
 class _Chat:
@@ -94,6 +130,7 @@ class _Chat:
     def __init__(self, db, target: Target, tokenizer, max_positions: int):
         self.target, self.tokenizer, self.max_positions = target, tokenizer, max_positions
         self.system: str | None = None
+        self.sources: list[dict] = []
         if target.mode == "icl":
             text = "".join(assemble(version_documents(db, v)) for v in target.versions)
             self.system = context_system_prompt(text)
@@ -101,8 +138,25 @@ class _Chat:
 
     prefix_tokens = 0
 
+    def retrieve(self, question: str) -> str:
+        """The rag system prompt for `question` (and the passages' sources, kept for the reply)."""
+        from engine.retrieval import rag_system_prompt, retrieve
+
+        db = registry.open_registry()
+        try:
+            passages = retrieve(db, self.target.versions, question, self.target.rag_tokens,
+                                lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        finally:
+            db.close()
+        self.sources = [p.source() for p in passages]
+        return rag_system_prompt(passages)
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        if self.system is not None:
+        if self.target.mode in RAG_MODES:
+            question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            messages = [{"role": "system", "content": self.retrieve(question)}] + [
+                m for m in messages if m["role"] != "system"]
+        elif self.system is not None:
             messages = [{"role": "system", "content": self.system}] + [m for m in messages if m["role"] != "system"]
         return chat_ids(self.tokenizer, messages, add_generation_prompt=True)
 
@@ -169,7 +223,7 @@ class _Chat:
             tokens_per_s=round((n_generated - 1) / decode_s, 2) if n_generated > 1 and decode_s else 0.0,
             kv_bytes=self.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
             versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
-            engine=self.engine,
+            engine=self.engine, sources=list(self.sources),
         )
 
 
@@ -182,7 +236,7 @@ class TorchChat(_Chat):
         self.lm = lm or load_model(target.model_spec, device)
         super().__init__(db, target, self.lm.tokenizer, self.lm.max_positions)
         self.embeddings = None
-        if target.mode == "cartridge":
+        if target.mode in CARTRIDGE_MODES:
             self.embeddings = compose([load_cartridge(f, self.lm) for f in target.cartridge_folders])
             self.prefix_tokens = int(self.embeddings.shape[0])
 
@@ -209,7 +263,7 @@ class LlamaCppChat(_Chat):
         n_ctx = 8192 if target.mode == "icl" else 4096
         self.llama = LlamaCppEngine(default_model_path(), n_ctx=n_ctx)
         super().__init__(db, target, tokenizer, self.llama.n_ctx)
-        if target.mode == "cartridge":
+        if target.mode in CARTRIDGE_MODES:
             embeddings = compose([load_cartridge(f, self.llama) for f in target.cartridge_folders])
             self.prefix_tokens = self.llama.inject(embeddings, warm_ids=template_prefix_ids(tokenizer))
 
@@ -238,11 +292,12 @@ def choose_engine(requested: str | None, model_spec: str | None) -> str:
 
 
 def open_chat(db, corpus_names: list[str], *, version: int | None = None, mode: str = "cartridge",
-              model: str | None = None, device: str | None = None, engine: str | None = None):
+              model: str | None = None, device: str | None = None, engine: str | None = None,
+              rag_tokens: int | None = None):
     """A chat backend for the given corpora and mode."""
     from engine.llamacpp import LayoutUnsupported
 
-    target = resolve(db, corpus_names, version=version, mode=mode, model=model)
+    target = resolve(db, corpus_names, version=version, mode=mode, model=model, rag_tokens=rag_tokens)
     if choose_engine(engine, target.model_spec) == "llama.cpp" and device in (None, "auto", "cpu"):
         try:
             return LlamaCppChat(db, target)

@@ -284,5 +284,9 @@ def ingest(path: str | Path, *, name: str | None = None, ignore: list[str] | Non
                                {"files": version["files"], "tokens": version["tokens"]})
         else:
             version = latest
+    if changed:
+        from engine.retrieval import index_version
+
+        index_version(db, version)  # retrieval (rag modes) searches the version's passages
     corpus = registry.get_corpus(db, corpus["name"])
     return IngestResult(corpus, version, changed, sorted(entries, key=lambda e: e.path))

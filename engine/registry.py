@@ -105,6 +105,16 @@ def m005_run_process_start(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("pid_started", float)
 
 
+@migration
+def m006_passages(db: sqlite_utils.Database) -> None:
+    """Passages of each file text (by content hash, so unchanged files are indexed once) for retrieval,
+    with an FTS5 index that triggers keep in step."""
+    db["passages"].create({"id": int, "sha256": str, "start_line": int, "end_line": int, "text": str},
+                          pk="id", foreign_keys=[("sha256", "blobs", "sha256")])
+    db["passages"].create_index(["sha256"])
+    db["passages"].enable_fts(["text"], fts_version="FTS5", tokenize="porter unicode61", create_triggers=True)
+
+
 def schema_version(db: sqlite_utils.Database) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
@@ -225,6 +235,7 @@ def delete_corpus(db, corpus_id: int) -> None:
         db.execute("DELETE FROM files WHERE corpus_id = ?", [corpus_id])
         db.execute("DELETE FROM events WHERE corpus_id = ?", [corpus_id])
         db.execute("DELETE FROM corpora WHERE id = ?", [corpus_id])
+        db.execute("DELETE FROM passages WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
         db.execute("DELETE FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
 
 
