@@ -90,9 +90,17 @@ class ChunkSampler:
         start = rng.randrange(lo, max(lo + 1, hi - n_tokens + 1))
         return self.span(start, min(n_tokens, hi - start))
 
-    def sample_many(self, count: int, n_tokens: int, seed: int = 0, only_files: set[str] | None = None) -> list[Chunk]:
+    def sample_many(self, count: int, n_tokens: int, seed: int = 0, only_files: set[str] | None = None,
+                    cover: bool = False) -> list[Chunk]:
+        """`count` random spans; with `cover`, the first ones are one per file (in a seeded order), so that
+        every file is studied when `count` allows, however small it is next to the others."""
         rng = random.Random(seed)
-        return [self.sample(n_tokens, rng, only_files) for _ in range(count)]
+        chunks = []
+        if cover:
+            files = [d.path for d in self.documents if only_files is None or d.path in only_files]
+            rng.shuffle(files)
+            chunks = [self.sample(n_tokens, rng, {path}) for path in files[:count]]
+        return chunks + [self.sample(n_tokens, rng, only_files) for _ in range(count - len(chunks))]
 
     def teacher_windows(self, budget: int) -> list[tuple[int, int]]:
         """Token ranges the teacher may see: the whole corpus when it fits `budget`, else windows of

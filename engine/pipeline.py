@@ -23,7 +23,8 @@ from engine.conversations import count_conversations, read_conversations, write_
 from engine.corpus import ChunkSampler, version_documents
 from engine.errors import UserError
 from engine.paths import cartridges_dir, data_home
-from engine.training import INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, split_heldout
+from engine.training import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, heldout_count,
+                             split_heldout)
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
 MAX_SYNTHESIS_ROUNDS = 3
@@ -71,6 +72,8 @@ class TrainOutcome:
 def make_config(preset: str = "quick", **overrides) -> TrainConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if overrides.get("conversations") is not None and overrides.get("conversations_per_ktok") is None:
+        overrides = {**overrides, "conversations_per_ktok": 0.0}  # an explicit count is used as it is
     cfg = PRESETS[preset].replace(**overrides)
     if cfg.p < 2:
         raise UserError("--tokens must be at least 2")
@@ -193,7 +196,7 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
         if have >= target or (should_stop and should_stop()):
             break
         chunks = sampler.sample_many(target - have, cfg.chunk_tokens, seed=cfg.seed + have + 7919 * attempt,
-                                     only_files=only_files)
+                                     only_files=only_files, cover=have == 0)
         if cfg.teacher == "corpus":
             chunks = sampler.with_teacher_context(chunks, teacher_budget(cfg, lm.max_positions))
         pending = []
@@ -253,6 +256,33 @@ class Plan:
         return cls("full", cfg.conversations)
 
 
+# Measured with the quick preset on a 2-core CPU (fp32 matmuls): llama.cpp self-study ~14 conversations a
+# minute, distillation ~2.4 s per conversation per step at p=256 (held-out scoring included). Used for the estimate shown before a run.
+CPU_CONVERSATIONS_PER_MIN = 14.0
+CPU_SECONDS_PER_EXAMPLE = 2.4
+
+
+def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) -> str:
+    """One line saying what the run will do and, on a CPU, about how long it takes."""
+    to_make = plan.new if plan.kind == "incremental" else plan.conversations
+    if plan.kind == "incremental":
+        what = (f"incremental from v{plan.from_version}: {plan.reused} conversations reused, {plan.new} new about "
+                f"{len(plan.changed_files)} changed file(s)")
+        n_train = plan.new + min(plan.reused, max(plan.new, cfg.batch_size * 2))
+        steps = cfg.steps or max(1, math.ceil(n_train / cfg.batch_size))
+    else:
+        scaled = "" if cfg.conversations_per_ktok <= 0 else (
+            f" ({cfg.conversations_per_ktok:g} per 1k of {corpus_tokens:,} tokens, floor {cfg.conversations}, "
+            f"cap {cfg.max_conversations})")
+        what = f"{plan.conversations} self-study conversations{scaled}"
+        steps = cfg.total_steps(plan.conversations - heldout_count(plan.conversations, cfg.heldout))
+    line = f"plan: {what}, {steps} training steps of {cfg.batch_size}"
+    if device == "cpu":
+        minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 256 / 60
+        line += f", about {minutes:.0f} min on a 2-core CPU"
+    return line
+
+
 def _earlier_ready(db, corpus: dict, row: dict) -> dict | None:
     earlier = [v for v in registry.list_versions(db, corpus["id"])
                if v["number"] < row["number"] and v["status"] == "ready" and v["cartridge"]]
@@ -281,7 +311,7 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
     """
     from engine.errors import CartridgeMismatch
 
-    full = Plan("full", cfg.conversations)
+    full = Plan("full", cfg.conversations_for(int(row["tokens"] or 0)))
     prev = _earlier_ready(db, corpus, row) if incremental else None
     if prev is None:
         return full
@@ -294,11 +324,12 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
     before = {f["path"]: f["sha256"] for f in registry.version_files(db, prev["id"])}
     changed = sorted(path for path, sha in current.items() if before.get(path) != sha)
     reused = reused_conversations(db, corpus, prev["number"], documents)
-    if cfg.teacher == "corpus" and len(reused) < cfg.conversations // 2:
+    total = cfg.conversations_for(int(row["tokens"] or 0))
+    if cfg.teacher == "corpus" and len(reused) < total // 2:
         return full  # a corpus-wide teacher saw the changed files in most answers: train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
     share = sum(tokens.get(p, 0) for p in changed) / max(1, sum(tokens.values()))
-    n_new = 0 if not changed else max(cfg.batch_size, math.ceil(cfg.conversations * share))
+    n_new = 0 if not changed else max(cfg.batch_size, math.ceil(total * share))
     return Plan("incremental", len(reused) + n_new, prev["number"], len(reused), n_new, changed)
 
 
@@ -374,6 +405,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         else:
             plan = make_plan(db, corpus, row, lm, cfg, documents, incremental)
         config_doc["plan"] = plan.to_json()
+        report(Progress("plan", message=plan_message(plan, cfg, int(row["tokens"] or 0), lm.device.type)))
         if plan.kind == "incremental":
             config_doc["incremental"] = plan.summary()
         registry.update_run_config(db, run_id, config_doc)

@@ -33,7 +33,9 @@ INITS = ("first", "spread")
 @dataclass
 class TrainConfig:
     p: int = 128  # virtual tokens in the cartridge
-    conversations: int = 120  # self-study conversations to synthesize
+    conversations: int = 120  # self-study conversations to synthesize (the floor when scaled, see below)
+    conversations_per_ktok: float = 0.0  # > 0: scale the count with the corpus, per 1,000 corpus tokens ...
+    max_conversations: int = 0  # ... up to this cap
     steps: int | None = None  # None: `epochs` passes over the conversations
     epochs: float = 1.0
     batch_size: int = 4
@@ -55,6 +57,13 @@ class TrainConfig:
     heldout: float = 0.1  # share of conversations kept out of training to score the cartridge
     eval_every: int = 12  # steps between held-out scorings (the best state is kept)
 
+    def conversations_for(self, corpus_tokens: int) -> int:
+        """Self-study conversations for a corpus of `corpus_tokens`: scaled with its size, floor and cap."""
+        if self.conversations_per_ktok <= 0:
+            return self.conversations
+        scaled = math.ceil(corpus_tokens / 1000 * self.conversations_per_ktok)
+        return max(self.conversations, min(scaled, self.max_conversations or scaled))
+
     def total_steps(self, n_conversations: int) -> int:
         if self.steps is not None:
             return int(self.steps)
@@ -75,13 +84,18 @@ class TrainConfig:
 # (llama.cpp synthesis with message templates ~13-16 conversations/min; 72 steps of ~3 s). Three
 # epochs over fewer conversations beat two: on that CPU, synthesis costs more than training steps.
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
+# The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
+# is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
 PRESETS: dict[str, TrainConfig] = {
-    "quick": TrainConfig(p=256, conversations=96, steps=None, epochs=3.0, batch_size=4, chunk_tokens=512,
-                         checkpoint_every=10, max_answer_tokens=128, max_user_tokens=64),
-    "standard": TrainConfig(p=512, conversations=4096, steps=None, batch_size=16, chunk_tokens=1024,
-                            checkpoint_every=50, max_answer_tokens=256, max_user_tokens=96),
-    "thorough": TrainConfig(p=1024, conversations=16384, steps=None, batch_size=32, chunk_tokens=2048,
-                            checkpoint_every=100, max_tokens=2048, max_answer_tokens=384, max_user_tokens=128),
+    "quick": TrainConfig(p=256, conversations=96, conversations_per_ktok=16, max_conversations=256, steps=None,
+                         epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
+                         max_user_tokens=64),
+    "standard": TrainConfig(p=512, conversations=4096, conversations_per_ktok=64, max_conversations=32768, steps=None,
+                            batch_size=16, chunk_tokens=1024, checkpoint_every=50, max_answer_tokens=256,
+                            max_user_tokens=96),
+    "thorough": TrainConfig(p=1024, conversations=16384, conversations_per_ktok=256, max_conversations=131072,
+                            steps=None, batch_size=32, chunk_tokens=2048, checkpoint_every=100, max_tokens=2048,
+                            max_answer_tokens=384, max_user_tokens=128),
 }
 
 
@@ -264,13 +278,17 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 # ----------------------------------------------------------------------------- held-out score
 
 
+def heldout_count(n: int, share: float) -> int:
+    return 0 if share <= 0 or n < 10 else min(32, max(2, round(n * share)))
+
+
 def split_heldout(conversations: list[Conversation], share: float, seed: int) -> tuple[list, list]:
     """(training, held-out): a seeded `share` of the conversations (at least 2, at most 32; none when
     fewer than 10 or share is 0) kept out of training so the cartridge can be scored on questions it never saw."""
     n = len(conversations)
-    if share <= 0 or n < 10:
+    count = heldout_count(n, share)
+    if not count:
         return list(conversations), []
-    count = min(32, max(2, round(n * share)))
     held = set(np.random.default_rng([seed, 7]).choice(n, size=count, replace=False).tolist())
     return ([c for i, c in enumerate(conversations) if i not in held],
             [c for i, c in enumerate(conversations) if i in held])
