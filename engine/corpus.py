@@ -9,6 +9,8 @@ import bisect
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine import registry
 from engine.tokenizer import backend_tokenizer
 
@@ -51,16 +53,20 @@ class ChunkSampler:
     def __init__(self, documents: list[Document], tokenizer_spec: str | None = None):
         self.documents = sorted(documents, key=lambda d: d.path)
         self.text = assemble(self.documents)
-        encoding = backend_tokenizer(tokenizer_spec).encode(self.text, add_special_tokens=False)
-        self.offsets = encoding.offsets  # (start char, end char) per token
-        self.n_tokens = len(self.offsets)
-        # Character and token ranges of each file's block (header included).
-        self.char_starts, position = [], 0
+        # Each file's block (header included) is tokenized on its own and its (start char, end char) token
+        # offsets kept in one int64 array: no per-token Python objects for the whole corpus.
+        tokenizer = backend_tokenizer(tokenizer_spec)
+        self.char_starts, self.token_starts, parts, position = [], [], [], 0
         for doc in self.documents:
+            block = FILE_HEADER.format(path=doc.path) + doc.text.rstrip("\n") + "\n\n"
+            offsets = np.asarray(tokenizer.encode(block, add_special_tokens=False).offsets, dtype=np.int64)
             self.char_starts.append(position)
-            position += len(FILE_HEADER.format(path=doc.path)) + len(doc.text.rstrip("\n")) + 2
-        token_starts = [offset[0] for offset in self.offsets]
-        self.token_starts = [bisect.bisect_left(token_starts, c) for c in self.char_starts] + [self.n_tokens]
+            self.token_starts.append(sum(len(p) for p in parts))
+            parts.append(offsets.reshape(-1, 2) + position)
+            position += len(block)
+        self.offsets = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        self.n_tokens = len(self.offsets)
+        self.token_starts.append(self.n_tokens)
 
     def _doc_at_char(self, char: int) -> int:
         return max(0, bisect.bisect_right(self.char_starts, char) - 1)
@@ -68,7 +74,7 @@ class ChunkSampler:
     def span(self, start: int, n_tokens: int) -> Chunk:
         """The chunk of tokens [start, start + n_tokens), prefixed with its file header when it starts mid-file."""
         end = min(self.n_tokens, start + n_tokens)
-        first_char, last_char = self.offsets[start][0], self.offsets[end - 1][1]
+        first_char, last_char = int(self.offsets[start][0]), int(self.offsets[end - 1][1])
         first_doc, last_doc = self._doc_at_char(first_char), self._doc_at_char(max(first_char, last_char - 1))
         text = self.text[first_char:last_char]
         if first_char != self.char_starts[first_doc]:
@@ -147,4 +153,4 @@ class ChunkSampler:
     def prefix(self, n_tokens: int) -> str:
         """The text of the first `n_tokens` tokens (used to initialise a cartridge)."""
         end = min(self.n_tokens, n_tokens)
-        return self.text[: self.offsets[end - 1][1]] if end else ""
+        return self.text[: int(self.offsets[end - 1][1])] if end else ""
