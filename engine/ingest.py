@@ -262,17 +262,18 @@ def ingest(path: str | Path, *, name: str | None = None, ignore: list[str] | Non
         reasons = sorted({e.reason for e in entries})
         raise UserError(f"no readable text files in {root} ({len(entries)} skipped: {'; '.join(reasons)[:200]})")
     # Text of unchanged files is normally stored already; re-read any that is not (e.g. after a repair).
+    missing = registry.missing_blobs(db, (e.sha256 for e in included if e.sha256 not in new_texts))
     for entry in included:
-        if entry.sha256 not in new_texts and not registry.has_blob(db, entry.sha256):
+        if entry.sha256 in missing and entry.sha256 not in new_texts:
             text, _, _ = decode_text(Path(root, entry.path).read_bytes())
             new_texts[entry.sha256] = text or ""
     digest = manifest_hash(included)
     with registry.transaction(db):
         if corpus is None:
             corpus = registry.create_corpus(db, _unique_name(db, name or root.name), str(root), ignore, asdict(options))
-        else:
+        elif list(ignore) != corpus["ignore"] or asdict(options) != corpus["options"]:
             registry.update_corpus(db, corpus["id"], ignore=list(ignore), options=asdict(options))
-        registry.replace_file_catalog(db, corpus["id"], (asdict(e) for e in entries))
+        registry.sync_file_catalog(db, corpus["id"], (asdict(e) for e in entries), catalog)
         latest = registry.latest_version(db, corpus["id"])
         changed = latest is None or latest["manifest_hash"] != digest
         if changed:

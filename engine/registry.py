@@ -246,19 +246,41 @@ def file_catalog(db, corpus_id: int) -> dict[str, dict]:
     return {r["path"]: r for r in db["files"].rows_where("corpus_id = ?", [corpus_id])}
 
 
-def replace_file_catalog(db, corpus_id: int, rows: Iterable[dict]) -> None:
-    now = time.time()
-    db.execute("DELETE FROM files WHERE corpus_id = ?", [corpus_id])
-    db["files"].insert_all(({**r, "corpus_id": corpus_id, "updated": now} for r in rows), batch_size=1000)
+def sync_file_catalog(db, corpus_id: int, rows: Iterable[dict], catalog: dict[str, dict]) -> int:
+    """Make the corpus's file catalog `rows`, writing only what differs from `catalog` (the stored one):
+    an unchanged rescan writes nothing. Returns the number of rows written or deleted."""
+    now, updated, added, seen = time.time(), [], [], set()
+    for row in rows:
+        seen.add(row["path"])
+        old = catalog.get(row["path"])
+        if old is None:
+            added.append({**row, "corpus_id": corpus_id, "updated": now})
+        elif any(old.get(k) != v for k, v in row.items()):
+            updated.append({**row, "corpus_id": corpus_id, "updated": now, "id": old["id"]})
+    gone = [old["id"] for path, old in catalog.items() if path not in seen]
+    for i in range(0, len(gone), 500):
+        batch = gone[i:i + 500]
+        db.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(batch))})", batch)
+    if updated:
+        db["files"].upsert_all(updated, pk="id", batch_size=1000)
+    if added:
+        db["files"].insert_all(added, batch_size=1000)
+    return len(updated) + len(added) + len(gone)
+
+
+def missing_blobs(db, shas: Iterable[str]) -> set[str]:
+    """Those of `shas` whose text the registry does not hold."""
+    wanted, held = sorted(set(shas)), set()
+    for i in range(0, len(wanted), 500):
+        batch = wanted[i:i + 500]
+        held.update(r[0] for r in db.execute(
+            f"SELECT sha256 FROM blobs WHERE sha256 IN ({','.join('?' * len(batch))})", batch).fetchall())
+    return set(wanted) - held
 
 
 def store_blobs(db, texts: dict[str, str]) -> None:
     """Content-addressed file texts (sha256 -> text), so every version can be rebuilt exactly."""
     db["blobs"].insert_all(({"sha256": h, "text": t} for h, t in texts.items()), ignore=True, batch_size=200)
-
-
-def has_blob(db, sha256: str) -> bool:
-    return db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", [sha256]).fetchone() is not None
 
 
 def blob_text(db, sha256: str) -> str:

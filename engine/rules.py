@@ -45,21 +45,28 @@ class IgnoreRules:
     """
 
     extra: list[str] = field(default_factory=list)
-    _specs: list[tuple[str, pathspec.GitIgnoreSpec]] = field(default_factory=list)
+    _specs: dict[str, list[pathspec.GitIgnoreSpec]] = field(default_factory=dict)  # folder -> its rules
 
     def __post_init__(self):
-        self._specs = [("", pathspec.GitIgnoreSpec.from_lines(BUILTIN_EXCLUDES + list(self.extra)))]
+        self._specs = {"": [pathspec.GitIgnoreSpec.from_lines(BUILTIN_EXCLUDES + list(self.extra))]}
 
     def add_gitignore(self, rel_dir: str, lines: list[str]) -> None:
-        self._specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
+        self._specs.setdefault(rel_dir, []).append(pathspec.GitIgnoreSpec.from_lines(lines))
 
     def ignored(self, rel_path: str, is_dir: bool = False) -> bool:
-        """True when a path (relative to the root, `/`-separated) is excluded by any rule that sees it."""
-        for base, spec in self._specs:
-            if base and not rel_path.startswith(base + "/"):
+        """True when a path (relative to the root, `/`-separated) is excluded by any rule that sees it.
+
+        Only the rules of the path's own ancestors are looked up (by folder), so a walk costs the depth
+        of each path, not the number of `.gitignore` files met so far.
+        """
+        parts = rel_path.split("/")
+        for depth in range(len(parts)):
+            base = "/".join(parts[:depth])
+            specs = self._specs.get(base)
+            if not specs:
                 continue
-            sub = rel_path[len(base) + 1:] if base else rel_path
-            if spec.match_file(sub + "/" if is_dir else sub):
+            sub = "/".join(parts[depth:]) + ("/" if is_dir else "")
+            if any(spec.match_file(sub) for spec in specs):
                 return True
         return False
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on the real model and print the figures they promise (tiny sizes)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,3 +52,16 @@ def test_bench_quality_and_bench_decoding(tmp_path, cartridge_home):
                              home=home)
     assert [r["no_repeat_ngram"] for r in decoding["rows"]] == [0, 4]
     assert all(0 <= r["modes"]["cartridge"]["accuracy"] <= 1 for r in decoding["rows"])
+
+
+def test_bench_scale(cartridge_home):
+    doc = run_benchmark("bench_scale.py", "--files", "600", "--tokens", "12000", "--per-folder", "50",
+                        home=cartridge_home)
+    phases = {p["phase"]: p for p in doc["phases"]}
+    assert list(phases) == ["generate", "ingest", "rescan unchanged", "start of training"]
+    assert phases["ingest"]["files"] >= 600 and phases["ingest"]["files_per_s"] > 0
+    assert phases["rescan unchanged"]["changed"] is False and phases["rescan unchanged"]["registry_rows_written"] == 0
+    start = phases["start of training"]
+    assert start["chunks"] == min(256, max(96, math.ceil(start["corpus_tokens"] * 16 / 1000)))  # quick's scaling
+    assert start["files_studied"] == start["chunks"]  # more files than chunks: each chunk a different file
+    assert doc["peak_rss_mb"] > 0
