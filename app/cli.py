@@ -323,7 +323,8 @@ def cmd_ui(args) -> None:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """The training settings shared by `train` and `watch`."""
-    p.add_argument("--preset", default="quick", help="quick (CPU, minutes), standard or thorough (GPU)")
+    p.add_argument("--preset", default="quick",
+                   help="demo (CPU, ~2 min, to see the loop), quick (CPU, minutes), standard or thorough (GPU)")
     p.add_argument("--tokens", type=int, metavar="P", help="virtual tokens in the cartridge")
     p.add_argument("--conversations", type=int, metavar="N", help="self-study conversations to synthesize")
     p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: the preset's passes over the conversations)")

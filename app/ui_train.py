@@ -15,14 +15,20 @@ from engine.pipeline import make_config
 from engine.training import PRESETS
 
 PHASES = [("load", "Load model"), ("synthesis", "Self-study"), ("training", "Training"), ("save", "Save")]
-PRESET_HELP = {"quick": "CPU, minutes", "standard": "GPU, tens of minutes", "thorough": "GPU, hours"}
+PRESET_HELP = {"demo": "CPU, about 2 minutes, to see the whole loop", "quick": "CPU, minutes",
+               "standard": "GPU, tens of minutes", "thorough": "GPU, hours"}
+PRESET_TRADE = {"demo": "It trades answer quality for speed: few conversations and a small cartridge, so its answers "
+                        "know little of the folder. Train with quick for answers you can use."}
 JOB_HEADERS = ["Job", "Corpus", "State", "Phase", "Submitted", "Finished", "Result"]
 FINISHED = ("done", "failed", "cancelled")
 
 
 def preset_choices() -> list[tuple[str, str]]:
-    return [(f"{name} — {PRESET_HELP.get(name, '')} (p={cfg.p}, {cfg.conversations:,} conversations)", name)
-            for name, cfg in PRESETS.items()]
+    def count(cfg):
+        if cfg.conversations_per_ktok <= 0:
+            return f"{cfg.conversations:,} conversations"
+        return f"{cfg.conversations:,}-{cfg.max_conversations:,} conversations"
+    return [(f"{name} — {PRESET_HELP.get(name, '')} (p={cfg.p}, {count(cfg)})", name) for name, cfg in PRESETS.items()]
 
 
 def preset_note(preset: str) -> str:
@@ -31,9 +37,12 @@ def preset_note(preset: str) -> str:
         return ""
     passes = "one pass" if cfg.epochs == 1 else f"{cfg.epochs:g} passes"
     steps = f"{cfg.steps} steps" if cfg.steps else f"{passes} over the conversations"
-    return (f"**{preset}**: a cartridge of **p = {cfg.p}** virtual tokens, trained on **{cfg.conversations:,}** "
-            f"self-study conversations over chunks of {cfg.chunk_tokens} tokens, batch {cfg.batch_size}, {steps}, "
-            f"learning rate {cfg.lr:g}. *Advanced settings* start from these values.")
+    scaled = (f" ({cfg.conversations_per_ktok:g} per 1,000 corpus tokens, up to {cfg.max_conversations:,}, unless you "
+              "set the number below)" if cfg.conversations_per_ktok > 0 else "")
+    return (f"**{preset}**: a cartridge of **p = {cfg.p}** virtual tokens, trained on at least **{cfg.conversations:,}** "
+            f"self-study conversations{scaled} over chunks of {cfg.chunk_tokens} tokens, batch {cfg.batch_size}, "
+            f"{steps}, learning rate {cfg.lr:g}. *Advanced settings* start from these values. "
+            + PRESET_TRADE.get(preset, "")).strip()
 
 
 # -- views -----------------------------------------------------------------------------------------
@@ -205,6 +214,9 @@ def build(ctx) -> dict:
         overrides = {k: (float(v) if k == "lr" else int(v)) for k, v in overrides.items() if v not in (None, "")}
         if overrides.get("steps") == 0:
             overrides.pop("steps")  # the preset's number of passes over the conversations
+        preset_cfg = PRESETS.get(preset_name)
+        if preset_cfg is not None:  # only what the user changed: the preset's own values (and scaling) stay
+            overrides = {k: v for k, v in overrides.items() if getattr(preset_cfg, k) != v}
         if "lr" in overrides and overrides["lr"] <= 0:
             raise UserError("the learning rate must be above 0 (the paper uses 2e-2)")
         make_config(preset_name, **overrides)  # bad settings fail here, before a job exists

@@ -87,6 +87,10 @@ class TrainConfig:
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
 # is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
 PRESETS: dict[str, TrainConfig] = {
+    # demo: the whole loop (scan -> cartridge -> an answer) in about two minutes on a 2-core CPU; the answers
+    # know little of the folder.
+    "demo": TrainConfig(p=64, conversations=16, steps=None, epochs=1.0, batch_size=2, chunk_tokens=256,
+                        checkpoint_every=4, max_answer_tokens=64, max_user_tokens=48, eval_every=4),
     "quick": TrainConfig(p=256, conversations=96, conversations_per_ktok=16, max_conversations=256, steps=None,
                          epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
                          max_user_tokens=64),
