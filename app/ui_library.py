@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import folder_picker
 from app.ui_common import corpus_dropdown, guarded, number, open_db, version_choices, warn, when
 from engine import library, pipeline, registry
 from engine.errors import UserError
@@ -88,9 +89,24 @@ def build(ctx) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             with gr.Group():
-                path = gr.Textbox(label="Folder", elem_id="folder-path",
-                                  placeholder="/home/you/notes  or  ~/code/project",
-                                  info="Type or paste the path of a folder on this computer, then press Enter.")
+                with gr.Row(equal_height=True):
+                    path = gr.Textbox(label="Folder", elem_id="folder-path", scale=5,
+                                      placeholder="/home/you/notes  or  ~/code/project",
+                                      info="Browse, pick a recent folder, or type a path and press Enter.")
+                    browse_btn = gr.Button("Browse…", elem_id="browse-btn", scale=1, min_width=110)
+                recent = gr.Dropdown(choices=[], value=None, label="Recent folders", elem_id="recent-folders",
+                                     allow_custom_value=True)
+            # The in-page folder browser, for when no desktop dialog can open (e.g. the app runs on a server).
+            with gr.Group(visible=False, elem_id="folder-browser") as browser:
+                browse_where = gr.Markdown(elem_id="browser-where")
+                browse_dir = gr.State("")
+                browse_list = gr.Dropdown(choices=[], value=None, label="Open a folder inside",
+                                          elem_id="browser-subfolders", allow_custom_value=True)
+                with gr.Row():
+                    browse_up = gr.Button("⬆ Up", size="sm", elem_id="browser-up")
+                    browse_use = gr.Button("Use this folder", size="sm", variant="primary", elem_id="browser-use")
+                    browse_close = gr.Button("Close", size="sm")
+            with gr.Group():
                 name = gr.Textbox(label="Name (optional)", placeholder="defaults to the folder's name")
                 exclude = gr.Textbox(label="Exclude patterns (optional)", lines=2, elem_id="exclude-patterns",
                                      placeholder="drafts/\n*.csv",
@@ -208,6 +224,36 @@ def build(ctx) -> dict:
         return (gr.update(visible=False), gr.update(root_dir=root, label=f"Preview of {root}", value=[], visible=True),
                 gr.update(visible=True), root)
 
+    def recent_choices():
+        with open_db() as db:
+            roots = [c["root"] for c in sorted(registry.list_corpora(db), key=lambda c: -(c.get("created") or 0))]
+        return [r for r in dict.fromkeys(roots + [str(SAMPLE_FOLDER)]) if os.path.isdir(r)]
+
+    def browser_view(folder):
+        folder = os.path.realpath(folder)
+        names = folder_picker.subfolders(folder)
+        where = f"**{html.escape(folder)}** · {len(names)} folder{'s' if len(names) != 1 else ''}"
+        return (gr.update(visible=True), where, folder,
+                gr.update(choices=[(n + "/", n) for n in names], value=None))
+
+    def do_browse(current):
+        """The system's folder dialog when there is one; otherwise the in-page browser, at the home folder."""
+        start = os.path.expanduser((current or "").strip())
+        start = start if start and os.path.isdir(start) else str(Path.home())
+        try:
+            chosen = folder_picker.pick_with_dialog(start)
+        except folder_picker.NoDialog:
+            return (gr.skip(), *browser_view(start))
+        return (chosen if chosen else gr.skip(), gr.update(visible=False), gr.skip(), gr.skip(), gr.skip())
+
+    def do_browse_into(folder, name):
+        if not name:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return browser_view(os.path.join(folder, name))
+
+    def do_browse_up(folder):
+        return browser_view(os.path.dirname(os.path.realpath(folder)) or folder)
+
     def add_excludes(selected, folder, current):
         root = os.path.realpath(os.path.expanduser((folder or "").strip() or "."))
         lines = [line for line in (current or "").splitlines() if line.strip()]
@@ -317,6 +363,17 @@ def build(ctx) -> dict:
     path.blur(set_preview, preview_in, preview, api_name="preview_folder_blur", **quiet)
     drop.click(add_excludes, [explorer, path, exclude], exclude, api_name="exclude_selected",
                api_visibility="undocumented")
+    browser_out = [browser, browse_where, browse_dir, browse_list]
+    browse_btn.click(do_browse, path, [path] + browser_out, api_name="browse_folder").then(
+        set_preview, preview_in, preview, **quiet)
+    browse_list.input(do_browse_into, [browse_dir, browse_list], browser_out, api_name="browse_into")
+    browse_up.click(do_browse_up, browse_dir, browser_out, api_name="browse_up")
+    browse_use.click(lambda folder: (folder, gr.update(visible=False)), browse_dir, [path, browser],
+                     api_name="browse_use").then(set_preview, preview_in, preview, **quiet)
+    browse_close.click(lambda: gr.update(visible=False), None, browser, api_visibility="undocumented")
+    recent.focus(lambda: gr.update(choices=recent_choices()), None, recent, api_name="recent_folders", **quiet)
+    recent.input(lambda folder: folder or gr.skip(), recent, path, api_name="use_recent").then(
+        set_preview, preview_in, preview, **quiet)
     sample_btn.click(lambda: (str(SAMPLE_FOLDER), ""), None, [path, name], api_name="sample_folder").then(
         set_preview, preview_in, preview, api_name="preview_sample", **quiet)
     scan_btn.click(do_ingest, [path, name, exclude], [manifest_md, manifest, ingest_json, train_this, table, selected],

@@ -374,3 +374,28 @@ def test_ui_help_and_busy_port(cartridge_home):
         out = subprocess.run([sys.executable, "-m", "app.cli", "ui", "--no-browser", "--port", str(busy)],
                              capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: port") and "Traceback" not in out.stderr
+
+
+def test_browse_falls_back_to_the_in_page_folder_browser(tmp_path, monkeypatch, cartridge_home):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    for rel in ("notes/2024/march.md", "notes/ideas.md", "code/app.py", ".hidden/x.md"):
+        write(tmp_path / "home", rel, "text\n")
+    start = tmp_path / "home"
+    with running_app() as (demo, client):
+        out = client.predict(str(start), api_name="/browse_folder")
+        where, listing = out[-2], out[-1]
+        assert str(start.resolve()) in where and "2 folders" in where
+        assert [c[1] for c in listing["choices"]] == ["code", "notes"]  # hidden folders are not offered
+        out = client.predict("notes", api_name="/browse_into")  # the browser's folder is kept per session
+        assert str((start / "notes").resolve()) in out[-2] and [c[1] for c in out[-1]["choices"]] == ["2024"]
+        out = client.predict("2024", api_name="/browse_into")
+        out = client.predict(api_name="/browse_up")
+        assert f"{(start / 'notes').resolve()}**" in out[-2]
+        chosen = client.predict(api_name="/browse_use")
+        chosen = chosen if isinstance(chosen, str) else chosen[0]
+        assert chosen == str((start / "notes").resolve())
+        client.predict(chosen, "", "", api_name="/ingest")
+        recent = client.predict(api_name="/recent_folders")
+        assert str((start / "notes").resolve()) in [c[1] if isinstance(c, (list, tuple)) else c
+                                                    for c in recent["choices"]]
