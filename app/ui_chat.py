@@ -55,6 +55,38 @@ def _chat_id(value) -> int | None:
         return None
 
 
+def cartridge_card(names: list[str], version: int | None) -> str:
+    """What answers: per corpus, the version in use, when its cartridge was trained, its held-out score and
+    the files it covers."""
+    if not names:
+        return "*Pick a corpus to chat with.*"
+    lines = []
+    with open_db() as db:
+        for name in names:
+            try:
+                corpus = registry.get_corpus(db, name)
+                row = registry.get_version(db, corpus, version if len(names) == 1 else None)
+            except UserError as exc:
+                lines.append(f"**{html.escape(name)}**: {html.escape(str(exc))}")
+                continue
+            if row["status"] != "ready":
+                ready = [v for v in registry.list_versions(db, corpus["id"]) if v["status"] == "ready"]
+                if version is None and ready:
+                    row = ready[-1]
+                else:
+                    lines.append(f"**{html.escape(name)}** v{row['number']}: no trained cartridge yet (train it first)")
+                    continue
+            run = next((r for r in reversed(registry.list_runs(db, corpus["id"]))
+                        if r["version_id"] == row["id"] and r["status"] == "done"), None)
+            files = [f["path"] for f in registry.version_files(db, row["id"])]
+            shown = ", ".join(html.escape(f) for f in files[:6]) + (f" and {len(files) - 6} more" if len(files) > 6 else "")
+            score = f" · held-out score **{row['heldout']:.0%}**" if row.get("heldout") is not None else ""
+            trained = f" · trained {when(run['finished'])}" if run and run.get("finished") else ""
+            lines.append(f"**{html.escape(name)}** v{row['number']}{trained}{score} · {row['tokens']:,} tokens in "
+                         f"{len(files)} file{'s' if len(files) != 1 else ''}: {shown}")
+    return "\n\n".join(lines)
+
+
 class ChatBackends:
     """Loaded chat backends, keyed by what they answer with; loading takes seconds, so keep a few."""
 
@@ -99,6 +131,7 @@ def build(ctx) -> dict:
                 version = gr.Dropdown(allow_custom_value=True, label="Version", choices=[("current", "")], value="",
                                       info="pick an earlier trained version (one corpus)")
                 mode = gr.Radio(MODES, value="cartridge", label="Answer with", elem_id="chat-mode")
+            card = gr.Markdown("*Pick a corpus to chat with.*", elem_id="chat-cartridge", elem_classes="cd-note")
             with gr.Accordion("Generation", open=False):
                 max_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max answer tokens")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -302,6 +335,10 @@ def build(ctx) -> dict:
                      concurrency_limit=1)
     stop.click(do_stop, None, None, api_name="stop", concurrency_limit=None, show_progress="hidden")
     corpora.change(on_corpora, corpora, version, api_name="chat_versions", api_visibility="undocumented")
+    corpora.change(lambda n, v: cartridge_card(n or [], parse_version(v)), [corpora, version], card,
+                   api_name="cartridge_card", api_visibility="undocumented", show_progress="hidden")
+    version.change(lambda n, v: cartridge_card(n or [], parse_version(v)), [corpora, version], card,
+                   api_visibility="undocumented", show_progress="hidden")
     chat_pick.input(do_open, chat_pick, [chatbot, chat_id, title, corpora, mode, export], api_name="open_chat")
     new_chat.click(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="new_chat")
     chatbot.clear(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="clear_chat",

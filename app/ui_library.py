@@ -61,6 +61,19 @@ def manifest_view(files: list[dict], title: str) -> tuple[str, list[list]]:
     return "\n\n".join(lines), rows
 
 
+def folder_frame(files: list[dict]):
+    """Files per top-level folder and status (included / skipped), for the Library's bar chart."""
+    import pandas as pd
+
+    counts: dict[tuple[str, str], int] = {}
+    for f in files:
+        top = f["path"].split("/", 1)[0] + "/" if "/" in f["path"] else "(top level)"
+        counts[(top, f["status"])] = counts.get((top, f["status"]), 0) + 1
+    biggest = sorted({top for top, _ in counts}, key=lambda t: -sum(n for (k, _), n in counts.items() if k == t))[:15]
+    rows = [{"folder": top, "status": status, "files": n} for (top, status), n in counts.items() if top in biggest]
+    return pd.DataFrame(rows or [{"folder": "", "status": "included", "files": 0}])
+
+
 def version_view(corpus: str | None) -> list[list]:
     if not corpus:
         return []
@@ -125,6 +138,9 @@ def build(ctx) -> dict:
             preview_root = gr.State("")
 
     manifest_md = gr.Markdown(elem_id="manifest-summary")
+    files_chart = gr.BarPlot(folder_frame([]), x="folder", y="files", color="status", visible=False, height=240,
+                             title="Files per top-level folder", x_title="", y_title="files", elem_id="files-chart",
+                             sort=None)
     manifest = gr.Dataframe(headers=MANIFEST_HEADERS, value=[], interactive=False, label="Manifest", max_height=320,
                             column_widths=["50%", "12%", "10%", "28%"], wrap=True, visible=False)
     ingest_json = gr.JSON(visible=False)
@@ -300,6 +316,16 @@ def build(ctx) -> dict:
         summary, rows = manifest_view(files, f"{corpus} — files of the last scan")
         return summary, gr.update(value=rows, visible=True), gr.update(visible=False)
 
+    def files_chart_of(corpus):
+        if not corpus:
+            return gr.update(visible=False)
+        with open_db() as db:
+            try:
+                files = library.catalog_manifest(db, corpus)
+            except UserError:
+                return gr.update(visible=False)
+        return gr.update(value=folder_frame(files), visible=True)
+
     @guarded
     def do_rename(corpus, new):
         new = (new or "").strip()
@@ -377,14 +403,16 @@ def build(ctx) -> dict:
     sample_btn.click(lambda: (str(SAMPLE_FOLDER), ""), None, [path, name], api_name="sample_folder").then(
         set_preview, preview_in, preview, api_name="preview_sample", **quiet)
     scan_btn.click(do_ingest, [path, name, exclude], [manifest_md, manifest, ingest_json, train_this, table, selected],
-                   api_name="ingest").then(set_preview, preview_in, preview, api_name="preview_scanned", **quiet)
+                   api_name="ingest").then(set_preview, preview_in, preview, api_name="preview_scanned", **quiet).then(
+        files_chart_of, selected, files_chart, **quiet)
     refresh_outputs = [table, selected, versions, version_pick]
     refresh_btn.click(refresh_all, selected, refresh_outputs, api_name="refresh_library")
     selected.change(on_selected, selected, [versions, version_pick, confirm_row, watch_box, watch_md],
                     api_name="corpus_versions")
     watch_box.input(do_watch, [selected, watch_box], [table, watch_box, watch_md], api_name="watch_corpus")
     table.select(pick_row, table, selected, api_name="pick_corpus_row", api_visibility="undocumented")
-    show_files.click(do_show_files, selected, [manifest_md, manifest, train_this], api_name="manifest")
+    show_files.click(do_show_files, selected, [manifest_md, manifest, train_this], api_name="manifest").then(
+        files_chart_of, selected, files_chart, api_name="files_chart", **quiet)
     rename_btn.click(do_rename, [selected, new_name], [table, selected, new_name], api_name="rename_corpus")
     remove_btn.click(ask_remove, selected, [confirm_row, confirm_md], api_name="ask_remove",
                      api_visibility="undocumented")

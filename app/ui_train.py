@@ -192,7 +192,7 @@ def build(ctx) -> dict:
         with gr.Column(scale=6):
             progress = gr.HTML(idle_card(), elem_id="train-progress")
             plot = gr.LinePlot(plot_frame([]), x="step", y="loss", title="Distillation loss", height=260,
-                               x_title="step", y_title="loss", elem_id="loss-plot")
+                               x_title="training step", y_title="distillation loss (nats)", elem_id="loss-plot")
             jobs = gr.Dataframe(headers=JOB_HEADERS, value=[], interactive=False, label="Jobs", max_height=220,
                                 wrap=True)
     job_json = gr.JSON(visible=False)

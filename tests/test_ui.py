@@ -121,6 +121,9 @@ def test_ingest_shows_manifest_and_library(tmp_path):
         assert [v[0] for v in versions] == ["v2", "v1"]
         summary = client.predict("My vault", api_name="/manifest")[0]
         assert "3 files included" in summary
+        chart = client.predict("My vault", api_name="/files_chart")  # the same files as a picture
+        bars = {(r[0], r[1]): r[2] for r in (chart.get("value") or chart)["data"]}
+        assert bars[("notes/", "included")] == 3 and bars[("(top level)", "skipped")] == 2
 
         # a version without a cartridge cannot become current
         assert "no trained cartridge" in app_error(client, "My vault", "1", api_name="/make_current")
@@ -215,6 +218,8 @@ def test_ingest_train_chat_history_eval(tmp_path):
         [row] = rows_of(table)
         assert row[0] == "sample" and row[1] == "ready" and row[2] == "v1" and row[7] == 8
         assert row[6].endswith(" MB") and row[9] != "–"  # trained when
+        card = client.predict(["sample"], "", api_name="/cartridge_card")  # what the chat answers with
+        assert card.startswith("**sample** v1 · trained ") and " files: equipment.md, faq.md" in card
 
         # a streamed answer, saved with what answered and how fast
         streaming = client.submit("What are the opening hours on Saturday?", None, ["sample"], "", "cartridge", 24,
