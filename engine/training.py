@@ -80,6 +80,8 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
+# quick: starts from excerpts spread across the corpus (on semantic_version's README: 45.6% of icl's NLL gain
+# recovered vs 42.0% from the first p tokens; a cosine schedule at lr 4e-2 gave 37.6%; see the README).
 # quick: the default model on a 2-core CPU, a ~5k-token folder end to end well within 15 minutes
 # (llama.cpp synthesis with message templates ~13-16 conversations/min; 72 steps of ~3 s). Three
 # epochs over fewer conversations beat two: on that CPU, synthesis costs more than training steps.
@@ -93,7 +95,7 @@ PRESETS: dict[str, TrainConfig] = {
                         checkpoint_every=4, max_answer_tokens=64, max_user_tokens=48, eval_every=4),
     "quick": TrainConfig(p=256, conversations=96, conversations_per_ktok=16, max_conversations=256, steps=None,
                          epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
-                         max_user_tokens=64),
+                         max_user_tokens=64, init="spread"),
     "standard": TrainConfig(p=512, conversations=4096, conversations_per_ktok=64, max_conversations=32768, steps=None,
                             batch_size=16, chunk_tokens=1024, checkpoint_every=50, max_answer_tokens=256,
                             max_user_tokens=96),
