@@ -205,7 +205,9 @@ def cmd_chat(args) -> None:
 
 def _print_sources(reply) -> None:
     if reply.mode in ("rag", "cartridge+rag"):
-        used = ", ".join(f"{s['path']}:{s['lines'][0]}-{s['lines'][1]}" for s in reply.sources) or "none found"
+        from engine.retrieval import source_label
+
+        used = ", ".join(source_label(s) for s in reply.sources) or "none found"
         print(f"[sources: {used}]", file=sys.stderr)
 
 

@@ -60,22 +60,17 @@ def cartridge_card(names: list[str], version: int | None) -> str:
     the files it covers."""
     if not names:
         return "*Pick a corpus to chat with.*"
+    from engine.inference import resolve
+
     lines = []
     with open_db() as db:
         for name in names:
-            try:
-                corpus = registry.get_corpus(db, name)
-                row = registry.get_version(db, corpus, version if len(names) == 1 else None)
+            try:  # the version chat answers with, as chat picks it
+                target = resolve(db, [name], version=version if len(names) == 1 else None, mode="cartridge")
             except UserError as exc:
                 lines.append(f"**{html.escape(name)}**: {html.escape(str(exc))}")
                 continue
-            if row["status"] != "ready":
-                ready = [v for v in registry.list_versions(db, corpus["id"]) if v["status"] == "ready"]
-                if version is None and ready:
-                    row = ready[-1]
-                else:
-                    lines.append(f"**{html.escape(name)}** v{row['number']}: no trained cartridge yet (train it first)")
-                    continue
+            corpus, row = target.corpora[0], target.versions[0]
             run = next((r for r in reversed(registry.list_runs(db, corpus["id"]))
                         if r["version_id"] == row["id"] and r["status"] == "done"), None)
             files = [f["path"] for f in registry.version_files(db, row["id"])]

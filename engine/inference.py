@@ -112,14 +112,11 @@ def _check_icl_fits(versions: list[dict], model: str | None) -> None:
 
 
 def _cartridge_p(version: dict) -> int:
-    import json
-
+    from engine.library import cartridge_info
     from engine.training import PRESETS
 
-    try:
-        return int(json.loads((Path(version["cartridge"]) / "cartridge.json").read_text())["p"])
-    except (TypeError, OSError, ValueError, KeyError):
-        return PRESETS["quick"].p
+    info = cartridge_info(version.get("cartridge"))
+    return int(info["p"]) if info and info["p"] else PRESETS["quick"].p
 
 
 class _Chat:

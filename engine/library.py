@@ -229,7 +229,9 @@ def answer_footer(meta: dict) -> str:
     elif mode in ("rag", "cartridge+rag"):
         what = "cartridge + retrieved passages" if mode == "cartridge+rag" else "retrieved passages (rag)"
         who = " + ".join(f"{v['corpus']} v{v['version']}" for v in versions) + f" {what}"
-        used = ", ".join(f"{s['path']}:{s['lines'][0]}-{s['lines'][1]}" for s in meta.get("sources") or [])
+        from engine.retrieval import source_label
+
+        used = ", ".join(source_label(s) for s in meta.get("sources") or [])
         who += f" · sources: {used or 'none found'}"
     else:
         who = "no corpus (none)"

@@ -268,7 +268,7 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
     if plan.kind == "incremental":
         what = (f"incremental from v{plan.from_version}: {plan.reused} conversations reused, {plan.new} new about "
                 f"{len(plan.changed_files)} changed file(s)")
-        n_train = plan.new + min(plan.reused, max(plan.new, cfg.batch_size * 2))
+        n_train = plan.new + min(plan.reused, _replay_count(plan.reused, plan.new, cfg))
         steps = cfg.steps or max(1, math.ceil(n_train / cfg.batch_size))
     else:
         scaled = "" if cfg.conversations_per_ktok <= 0 else (
@@ -324,7 +324,7 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
     before = {f["path"]: f["sha256"] for f in registry.version_files(db, prev["id"])}
     changed = sorted(path for path, sha in current.items() if before.get(path) != sha)
     reused = reused_conversations(db, corpus, prev["number"], documents)
-    total = cfg.conversations_for(int(row["tokens"] or 0))
+    total = full.conversations
     if cfg.teacher == "corpus" and len(reused) < total // 2:
         return full  # a corpus-wide teacher saw the changed files in most answers: train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
@@ -335,8 +335,11 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
 
 def _replay(kept: list, n_fresh: int, cfg: TrainConfig) -> list:
     """A seeded sample of reused conversations trained beside the new ones (as many), so old knowledge is refreshed."""
-    count = max(n_fresh, cfg.batch_size * 2) if n_fresh else max(cfg.batch_size * 2, len(kept) // 10)
-    return random.Random(cfg.seed).sample(kept, min(len(kept), count))
+    return random.Random(cfg.seed).sample(kept, min(len(kept), _replay_count(len(kept), n_fresh, cfg)))
+
+
+def _replay_count(n_kept: int, n_fresh: int, cfg: TrainConfig) -> int:
+    return max(n_fresh, cfg.batch_size * 2) if n_fresh else max(cfg.batch_size * 2, n_kept // 10)
 
 
 def _write_in_shards(folder: Path, conversations: list) -> None:

@@ -34,7 +34,12 @@ class Passage:
         return {"path": self.path, "lines": [self.start_line, self.end_line]}
 
     def label(self) -> str:
-        return f"{self.path}:{self.start_line}-{self.end_line}"
+        return source_label(self.source())
+
+
+def source_label(source: dict) -> str:
+    """`path:first-last` for a passage's source (as stored with an answer)."""
+    return f"{source['path']}:{source['lines'][0]}-{source['lines'][1]}"
 
 
 def split_passages(text: str, chars: int = PASSAGE_CHARS) -> list[tuple[int, int, str]]:
