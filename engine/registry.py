@@ -212,7 +212,12 @@ def rename_corpus(db, name: str, new_name: str) -> None:
     corpus = get_corpus(db, name)
     if find_corpus(db, name=new_name):
         raise UserError(f"a corpus named {new_name!r} already exists")
-    update_corpus(db, corpus["id"], name=new_name)
+    with db.atomic():
+        update_corpus(db, corpus["id"], name=new_name)
+        for chat in db["chats"].rows_where():  # chats name their corpora: they follow the rename
+            names = json.loads(chat["corpora"] or "[]")
+            if name in names:
+                db["chats"].update(chat["id"], {"corpora": json.dumps([new_name if n == name else n for n in names])})
 
 
 def delete_corpus(db, corpus_id: int) -> None:

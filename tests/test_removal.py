@@ -34,6 +34,9 @@ def test_removed_corpus_leaves_nothing_and_reaches_no_later_corpus(tmp_path, car
     chat = registry.create_chat(db, "vault", ["notes"], "cartridge")
     registry.add_message(db, chat, "assistant", SECRET)
     kept = registry.create_chat(db, "other", ["garden"], "none")
+    registry.rename_corpus(db, "notes", "vault notes")  # its chats follow the new name ...
+    assert registry.get_chat(db, chat)["corpora"] == ["vault notes"]
+    registry.rename_corpus(db, "vault notes", "notes")  # ... and back
 
     proc = run_cli("remove", "notes", "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
