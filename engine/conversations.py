@@ -32,6 +32,9 @@ class Conversation:
     files: list[str] = field(default_factory=list)  # corpus-relative paths of the chunk's files
     file_hashes: list[str] = field(default_factory=list)  # sha256 per file, same order
     seed_type: str = ""
+    # (round, index) of the chunk it was made from in its version's synthesis; None when carried over from
+    # an earlier version. A resumed synthesis continues after the last saved slot.
+    slot: tuple[int, int] | None = None
 
     def __post_init__(self):
         self.answer_ids = np.asarray(self.answer_ids, dtype=np.int32).reshape(-1)
@@ -86,7 +89,8 @@ def write_shard(folder: Path, conversations: list[Conversation]) -> Path:
         ),
     }
     records = [
-        {"user": c.user, "files": list(c.files), "file_hashes": list(c.file_hashes), "seed_type": c.seed_type}
+        {"user": c.user, "files": list(c.files), "file_hashes": list(c.file_hashes), "seed_type": c.seed_type,
+         "slot": list(c.slot) if c.slot is not None else None}
         for c in conversations
     ]
     metadata = {"format": SHARD_FORMAT, "k": str(k), "conversations": json.dumps(records, ensure_ascii=False)}
@@ -133,6 +137,7 @@ def _read_shard(path: Path) -> list[Conversation]:
                 files=rec.get("files", []),
                 file_hashes=rec.get("file_hashes", []),
                 seed_type=rec.get("seed_type", ""),
+                slot=tuple(rec["slot"]) if rec.get("slot") else None,
             )
         )
     return out
@@ -146,15 +151,21 @@ def read_conversations(folder: Path) -> list[Conversation]:
     return out
 
 
-def count_conversations(folder: Path) -> int:
-    """How many conversations a folder holds, reading only the shard headers."""
+def conversation_slots(folder: Path) -> list[tuple[int, int] | None]:
+    """The slot of each conversation of a folder, in order, reading only the shard headers."""
     from safetensors import safe_open
 
-    total = 0
+    slots = []
     for path in shard_paths(folder):
         try:
             with safe_open(str(path), framework="numpy") as fh:
-                total += len(json.loads((fh.metadata() or {})["conversations"]))
+                records = json.loads((fh.metadata() or {})["conversations"])
         except Exception:
             raise UserError(f"corrupt conversations shard {path}") from None
-    return total
+        slots.extend(tuple(r["slot"]) if r.get("slot") else None for r in records)
+    return slots
+
+
+def count_conversations(folder: Path) -> int:
+    """How many conversations a folder holds, reading only the shard headers."""
+    return len(conversation_slots(folder))

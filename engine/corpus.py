@@ -33,6 +33,7 @@ class Chunk:
     n_tokens: int
     context: str | None = None  # what the teacher sees: the whole corpus or a window around the chunk
     context_tokens: int = 0
+    slot: tuple[int, int] | None = None  # (round, index) in a synthesis's chunk list: seeds its conversation
 
 
 def version_documents(db, version: dict) -> list[Document]:

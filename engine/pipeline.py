@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import registry
-from engine.conversations import count_conversations, read_conversations, write_shard
+from engine.conversations import conversation_slots, count_conversations, read_conversations, write_shard
 from engine.corpus import ChunkSampler, version_documents
 from engine.errors import UserError
 from engine.paths import cartridges_dir, data_home
@@ -190,19 +190,30 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
     seeds = load_seed_prompts(Path(__file__).resolve().parent.parent / "assets" / "seeds")
     began, made = time.perf_counter(), 0
     # Self-study drops user turns that fail its filters, so a round can come back short: draw fresh
-    # chunks for what is missing, a few rounds at most.
+    # chunks for what is missing, a few rounds at most. A round's chunk list and each conversation's random
+    # streams depend only on (seed, round, index): a resumed run continues after the last saved slot and
+    # makes what an uninterrupted run would have made.
     for attempt in range(MAX_SYNTHESIS_ROUNDS):
-        have = count_conversations(folder)
+        slots = conversation_slots(folder)
+        have = len(slots)
         if have >= target or (should_stop and should_stop()):
             break
-        chunks = sampler.sample_many(target - have, cfg.chunk_tokens, seed=cfg.seed + have + 7919 * attempt,
-                                     only_files=only_files, cover=have == 0)
+        if any(slot and slot[0] > attempt for slot in slots):
+            continue  # this round was finished before an interruption
+        carried = sum(slot is None for slot in slots)  # reused from an earlier version
+        chunks = sampler.sample_many(target - carried, cfg.chunk_tokens, seed=cfg.seed + 7919 * attempt,
+                                     only_files=only_files, cover=True)
+        for index, chunk in enumerate(chunks):
+            chunk.slot = (attempt, index)
         if cfg.teacher == "corpus":
             chunks = sampler.with_teacher_context(chunks, teacher_budget(cfg, lm.max_positions))
+        done = [slot for slot in slots if slot and slot[0] == attempt]
+        if done:
+            order = [chunk.slot for chunk in chunks]
+            chunks = chunks[max(order.index(slot) for slot in done) + 1:]
         pending = []
         for conversation in synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
-                                       max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed + have + attempt,
-                                       backend=backend):
+                                       max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed, backend=backend):
             pending.append(conversation)
             made += 1
             if len(pending) >= SHARD_SIZE:
@@ -210,8 +221,9 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
                 pending = []
             if on_progress:
                 rate = made / (time.perf_counter() - began)
-                done = have + made
-                on_progress(Progress("synthesis", min(done, target), target, max(0, target - done) / rate if rate else None, rate))
+                done_now = have + made
+                on_progress(Progress("synthesis", min(done_now, target), target,
+                                     max(0, target - done_now) / rate if rate else None, rate))
             if should_stop and should_stop():
                 break
         if pending:
@@ -300,7 +312,10 @@ def reused_conversations(db, corpus: dict, number: int, documents) -> list:
     """Conversations of version `number` whose files all still have the same content."""
     current = {d.path: d.sha256 for d in documents}
     old = read_conversations(synth_dir(corpus, number))
-    return [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
+    kept = [c for c in old if all(current.get(f) == h for f, h in zip(c.files, c.file_hashes))]
+    for conversation in kept:
+        conversation.slot = None  # carried over: not one of this version's synthesis slots
+    return kept
 
 
 def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incremental: bool = True) -> Plan:

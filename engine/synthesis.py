@@ -103,6 +103,14 @@ def chunk_sources(chunk) -> tuple[list[str], list[str]]:
     return files, list(getattr(chunk, "file_hashes", []) or [""] * len(files))
 
 
+def slot_random(seed: int, chunk, index: int) -> tuple[random.Random, np.random.Generator]:
+    """The random streams of one conversation (seed draw, placeholder fill, sampled user turn), keyed by its
+    chunk's slot (or its index in this call): a resumed synthesis makes the same conversations an
+    uninterrupted one would, whatever was made before it."""
+    slot = getattr(chunk, "slot", None) or (0, index)
+    return random.Random(f"{seed}/{slot[0]}/{slot[1]}"), np.random.default_rng([seed, slot[0], slot[1]])
+
+
 def load_seed_prompts(assets_dir: Path) -> dict[str, list[str]]:
     """Seed prompts per type from `<assets_dir>/*.txt` (prompts separated by lines that are exactly `---`)."""
     folder = Path(assets_dir)
@@ -326,6 +334,7 @@ class _Job:
     seed_type: str = ""
     seed: str = ""
     user: str = ""
+    rng: random.Random | None = None  # this conversation's own stream (see slot_random)
 
 
 def _suffix(lm: LoadedModel, job: _Job, user_content: str) -> list[int] | None:
@@ -345,25 +354,24 @@ def draw_seed(seeds: dict[str, list[str]], rng: random.Random, avoid: str = "") 
 
 def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, temperature, max_user_tokens,
                       max_answer_tokens, batch_size, on_progress, seed) -> Iterator[Conversation]:
-    rng = random.Random(seed)
-    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    generator = torch.Generator(device=lm.device).manual_seed(seed)  # batched sampling: one stream per call
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = stop_ids(tok)
     produced = 0
-    chunk_iter = iter(chunks)
+    chunk_iter = enumerate(chunks)
     exhausted = False
     prefixes = _PrefixCache(lm, pad_id)
     while produced < n and not exhausted:
         jobs: list[_Job] = []
         while len(jobs) < min(batch_size, n - produced):
             try:
-                chunk = next(chunk_iter)
+                index, chunk = next(chunk_iter)
             except StopIteration:
                 exhausted = True
                 break
             prefix = chat_ids(tok, [{"role": "system", "content": chunk_system_prompt(chunk)}], add_generation_prompt=False)
-            jobs.append(_Job(chunk, prefix))
+            jobs.append(_Job(chunk, prefix, rng=slot_random(seed, chunk, index)[0]))
         if not jobs:
             break
         cache, prefix_mask, row_of = prefixes.rows([j.prefix for j in jobs])
@@ -375,9 +383,9 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
                 break
             suffixes, asking, still = [], [], []
             for i in pending:
-                jobs[i].seed_type, jobs[i].seed = draw_seed(seeds, rng, avoid=jobs[i].seed)
+                jobs[i].seed_type, jobs[i].seed = draw_seed(seeds, jobs[i].rng, avoid=jobs[i].seed)
                 if is_direct(jobs[i].seed):
-                    jobs[i].user = fill_seed(jobs[i].seed, jobs[i].chunk, rng) or ""
+                    jobs[i].user = fill_seed(jobs[i].seed, jobs[i].chunk, jobs[i].rng) or ""
                     if not jobs[i].user:
                         still.append(i)
                     continue
@@ -421,7 +429,8 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
                 continue
             files, hashes = chunk_sources(jobs[i].chunk)
             yield Conversation(user=jobs[i].user, answer_ids=answer, topk_ids=topk_ids, topk_logprobs=topk_lp,
-                               files=files, file_hashes=hashes, seed_type=jobs[i].seed_type)
+                               files=files, file_hashes=hashes, seed_type=jobs[i].seed_type,
+                               slot=getattr(jobs[i].chunk, "slot", None))
             produced += 1
             if on_progress is not None:
                 on_progress(produced, n)

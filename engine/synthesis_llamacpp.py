@@ -34,6 +34,7 @@ from engine.synthesis import (
     kept_answer_length,
     loop_start,
     salvage_truncated,
+    slot_random,
     stop_ids,
 )
 
@@ -108,7 +109,7 @@ def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dic
     return Conversation(user=user, answer_ids=np.asarray(answer_ids, np.int32),
                         topk_ids=np.stack(rows_ids[:n]).astype(np.int32),
                         topk_logprobs=np.stack(rows_lp[:n]).astype(np.float16),
-                        files=files, file_hashes=hashes, seed_type=seed_type)
+                        files=files, file_hashes=hashes, seed_type=seed_type, slot=getattr(chunk, "slot", None))
 
 
 def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterable, n: int, *,
@@ -131,13 +132,12 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
         size = n_ctx or context_size_for(chunks, max_user_tokens, max_answer_tokens)
         engine = LlamaCppEngine(model_path, n_ctx=size)
     engine.clear()
-    rng = random.Random(seed)
-    sampler = np.random.default_rng(seed)
     stop = stop_ids(tokenizer)
     produced = 0
-    for chunk in chunks:
+    for index, chunk in enumerate(chunks):
         if produced >= n:
             break
+        rng, sampler = slot_random(seed, chunk, index)
         conversation = self_study_conversation(
             engine, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k, temperature=temperature,
             max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)

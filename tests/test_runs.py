@@ -121,3 +121,32 @@ def test_an_interrupted_incremental_run_resumes_its_own_plan(tmp_path, cartridge
     assert [c.user for c in v2[:plan["reused"]]] == [c.user for c in unchanged]  # the same reuse
     assert all(changed in c.files for c in v2[plan["reused"]:])  # the changed file studied anew
     assert registry.get_corpus(db, "notes")["current_version"] == 2
+
+
+def test_a_resumed_synthesis_makes_what_an_uninterrupted_one_makes(tmp_path):
+    """Each conversation's chunk and random streams depend on its slot alone, so a synthesis stopped with
+    unsaved conversations (as a kill leaves it) and resumed makes the same conversations, in the same order."""
+    from conftest import ASSETS
+    from engine.conversations import read_conversations, shard_paths
+    from engine.corpus import ChunkSampler, Document
+    from engine.models import load_model
+    from engine.pipeline import make_config, synthesize_version
+
+    docs = [Document(p.name, p.name, p.read_text()) for p in sorted((ASSETS / "sample").glob("*.md"))]
+    lm, sampler = load_model(None, None), ChunkSampler(docs)
+    cfg = make_config("quick", conversations=12, chunk_tokens=96, max_user_tokens=32, max_answer_tokens=32)
+    assert synthesize_version(lm, sampler, tmp_path / "whole", cfg) == 12
+
+    made = {"n": 0}
+
+    def count(progress):
+        made["n"] = progress.done
+
+    resumed = tmp_path / "resumed"
+    synthesize_version(lm, sampler, resumed, cfg, on_progress=count, should_stop=lambda: made["n"] >= 9)
+    shard_paths(resumed)[-1].unlink()  # the ninth was never saved
+    assert len(read_conversations(resumed)) == 8
+    assert synthesize_version(lm, sampler, resumed, cfg) == 12
+    whole, again = read_conversations(tmp_path / "whole"), read_conversations(resumed)
+    assert [c.slot for c in again] == [c.slot for c in whole]
+    assert [(c.user, c.answer_ids.tolist()) for c in again] == [(c.user, c.answer_ids.tolist()) for c in whole]
