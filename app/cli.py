@@ -368,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-on", choices=["assistant", "all"], help="supervise assistant tokens (default) or all")
     p.add_argument("--teacher", choices=["corpus", "chunk"],
                    help="what the self-study teacher sees: the whole corpus (a window when too long) or the chunk")
-    p.add_argument("--init", choices=["first", "spread"],
-                   help="start from the corpus's first p tokens or from excerpts spread across it")
+    p.add_argument("--init", choices=["first", "spread", "attention"],
+                   help="start from the corpus's first p tokens, from excerpts spread across it, or from the KV of "
+                        "the corpus read whole, the p positions each head attends to most (quick's default)")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", help="Hugging Face id or local folder (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

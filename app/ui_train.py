@@ -28,7 +28,12 @@ def preset_choices() -> list[tuple[str, str]]:
         if cfg.conversations_per_ktok <= 0:
             return f"{cfg.conversations:,} conversations"
         return f"{cfg.conversations:,}-{cfg.max_conversations:,} conversations"
-    return [(f"{name} — {PRESET_HELP.get(name, '')} (p={cfg.p}, {count(cfg)})", name) for name, cfg in PRESETS.items()]
+    return [(f"{name} — {PRESET_HELP.get(name, '')} (p={p_range(cfg)}, {count(cfg)})", name)
+            for name, cfg in PRESETS.items()]
+
+
+def p_range(cfg) -> str:
+    return f"{cfg.p}-{cfg.max_p}" if cfg.max_p > cfg.p else str(cfg.p)
 
 
 def preset_note(preset: str) -> str:
@@ -39,7 +44,9 @@ def preset_note(preset: str) -> str:
     steps = f"{cfg.steps} steps" if cfg.steps else f"{passes} over the conversations"
     scaled = (f" ({cfg.conversations_per_ktok:g} per 1,000 corpus tokens, up to {cfg.max_conversations:,}, unless you "
               "set the number below)" if cfg.conversations_per_ktok > 0 else "")
-    return (f"**{preset}**: a cartridge of **p = {cfg.p}** virtual tokens, trained on at least **{cfg.conversations:,}** "
+    size = (" (a quarter of the folder's tokens up to 512, an eighth beyond, unless you set p below)"
+            if cfg.max_p > cfg.p else "")
+    return (f"**{preset}**: a cartridge of **p = {p_range(cfg)}** virtual tokens{size}, trained on at least **{cfg.conversations:,}** "
             f"self-study conversations{scaled} over chunks of {cfg.chunk_tokens} tokens, batch {cfg.batch_size}, "
             f"{steps}, learning rate {cfg.lr:g}. *Advanced settings* start from these values. "
             + PRESET_TRADE.get(preset, "")).strip()

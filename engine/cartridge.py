@@ -52,6 +52,9 @@ def kv_bytes(n_tokens: int, lm: LoadedModel, bytes_per_value: int = 2) -> int:
 # ----------------------------------------------------------------------------- creation
 
 
+SPREAD_MARGIN = 16  # chat-template and excerpt-separator tokens around spread excerpts
+
+
 def init_ids(lm: LoadedModel, p: int, init_text: str) -> list[int]:
     """The p token ids whose KV initialise a cartridge: `init_text` as a system message in the chat template.
 
@@ -69,14 +72,39 @@ def init_ids(lm: LoadedModel, p: int, init_text: str) -> list[int]:
 
 
 def corpus_init_text(sampler, p: int, how: str = "first") -> str:
-    """The corpus text a cartridge of p tokens starts from, twice p tokens long so that after the chat
-    template's own tokens `init_ids` still has p to keep: the corpus's beginning ("first"), or excerpts
-    from across it ("spread")."""
+    """The corpus text a cartridge of p tokens starts from: the corpus's beginning ("first", twice p tokens
+    long so that after the chat template's own tokens `init_ids` still has p to keep), or excerpts from
+    across it ("spread", sized to fit p with the template, so that the last excerpt is not cut away)."""
     if how == "spread":
-        return sampler.spread(p * 2)
+        return sampler.spread(max(1, p - SPREAD_MARGIN))
     if how != "first":
-        raise UserError(f"unknown cartridge initialisation {how!r} (choose first or spread)")
+        raise UserError(f"unknown cartridge initialisation {how!r} (choose first, spread or attention)")
     return sampler.prefix(p * 2)
+
+
+@torch.no_grad()
+def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """The KV of `ids` packed like a cartridge ([n, layers*2*heads*head_dim]), to reuse one prefill many times."""
+    with lm.autocast():
+        out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
+    cache = out.cache
+    layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(lm.n_layers)]
+    packed = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
+    return packed.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float().cpu()
+
+
+def init_embeddings(lm: LoadedModel, sampler, p: int, how: str = "first") -> torch.Tensor:
+    """The untrained cartridge: the KV of the corpus's first p tokens ("first"), of excerpts from across it
+    ("spread"), or of the p positions per KV head that the corpus read whole attends to most ("attention",
+    see engine.kv_select; spread for a corpus too long to read whole)."""
+    if how == "attention":
+        from engine.kv_select import attention_selected
+
+        selected = attention_selected(lm, sampler.text, p)
+        if selected is not None:
+            return selected
+        how = "spread"
+    return prefix_embeddings(lm, init_ids(lm, p, corpus_init_text(sampler, p, how)))
 
 
 def peft_config_for(p: int, num_frozen_tokens: int = 1):

@@ -15,6 +15,7 @@ from engine import registry
 from engine.tokenizer import backend_tokenizer
 
 FILE_HEADER = "### File: {path}\n"
+HEADER_TOKENS = 12  # about what "### File: PATH (continued)" costs in tokens
 
 
 @dataclass
@@ -144,10 +145,12 @@ class ChunkSampler:
         return [chunk for _, chunk in sorted(placed, key=lambda pair: pair[0])]
 
     def spread(self, n_tokens: int, pieces: int = 8) -> str:
-        """About `n_tokens` tokens of text in `pieces` evenly spaced excerpts from across the corpus."""
+        """About `n_tokens` tokens of text in `pieces` evenly spaced excerpts from across the corpus (each
+        excerpt's file header line included)."""
         if self.n_tokens <= n_tokens:
             return self.text
-        size = max(1, n_tokens // pieces)
+        pieces = max(2, min(pieces, n_tokens // (HEADER_TOKENS + 16)))  # at least 16 tokens of text each
+        size = max(1, n_tokens // pieces - HEADER_TOKENS)
         starts = [round(i * (self.n_tokens - size) / max(1, pieces - 1)) for i in range(pieces)]
         return "\n\n".join(self.span(s, size).text for s in starts)
 

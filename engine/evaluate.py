@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine import registry
-from engine.cartridge import compose, corpus_init_text, generate, init_ids, kv_bytes, load_cartridge, to_cache
+from engine.cartridge import compose, generate, init_embeddings, kv_bytes, load_cartridge, prefix_embeddings, to_cache
 from engine.corpus import ChunkSampler, assemble, version_documents
 from engine.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
@@ -57,17 +57,6 @@ def read_qa(path: str | Path) -> list[dict]:
     if not items:
         raise UserError(f"QA file {path} holds no questions")
     return items
-
-
-@torch.no_grad()
-def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
-    """The KV of `ids` packed like a cartridge ([n, layers*2*heads*head_dim]), to reuse one prefill many times."""
-    with lm.autocast():
-        out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
-    cache = out.cache
-    layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(lm.n_layers)]
-    packed = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
-    return packed.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float().cpu()
 
 
 class Scorer:
@@ -232,7 +221,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
         how = (cartridge.meta.get("training") or {}).get("train", {}).get("init", "first")
-        prefixes["init"] = prefix_embeddings(lm, init_ids(lm, cartridge.p, corpus_init_text(sampler, cartridge.p, how)))
+        prefixes["init"] = init_embeddings(lm, sampler, cartridge.p, how)
     graded = [item for item in qa if item.get("expect")]
     results: dict[str, dict] = {}
     skipped: dict[str, str] = {}

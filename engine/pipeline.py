@@ -74,6 +74,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if overrides.get("conversations") is not None and overrides.get("conversations_per_ktok") is None:
         overrides = {**overrides, "conversations_per_ktok": 0.0}  # an explicit count is used as it is
+    if overrides.get("p") is not None and overrides.get("max_p") is None:
+        overrides = {**overrides, "max_p": 0}  # so is an explicit p
     cfg = PRESETS[preset].replace(**overrides)
     if cfg.p < 2:
         raise UserError("--tokens must be at least 2")
@@ -269,9 +271,12 @@ class Plan:
 
 
 # Measured with the quick preset on a 2-core CPU (fp32 matmuls): llama.cpp self-study ~14 conversations a
-# minute, distillation ~2.4 s per conversation per step at p=256 (held-out scoring included). Used for the estimate shown before a run.
+# minute; distillation ~1.8 s per conversation per step at p=576 (held-out scoring included); reading the
+# sample's 5,000 tokens whole for the attention initialisation ~170 s (it grows with the square of the length).
+# Used for the estimate shown before a run.
 CPU_CONVERSATIONS_PER_MIN = 14.0
-CPU_SECONDS_PER_EXAMPLE = 2.4
+CPU_SECONDS_PER_EXAMPLE = 1.8
+CPU_ATTENTION_INIT_S = 170.0
 
 
 def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) -> str:
@@ -288,9 +293,11 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
             f"cap {cfg.max_conversations})")
         what = f"{plan.conversations} self-study conversations{scaled}"
         steps = cfg.total_steps(plan.conversations - heldout_count(plan.conversations, cfg.heldout))
-    line = f"plan: {what}, {steps} training steps of {cfg.batch_size}"
+    line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
-        minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 256 / 60
+        minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 576 / 60
+        if cfg.init == "attention" and plan.kind == "full" and corpus_tokens < 8192:  # longer: excerpts, no cost
+            minutes += CPU_ATTENTION_INIT_S * (corpus_tokens / 5000) ** 2 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
 
@@ -299,6 +306,19 @@ def _earlier_ready(db, corpus: dict, row: dict) -> dict | None:
     earlier = [v for v in registry.list_versions(db, corpus["id"])
                if v["number"] < row["number"] and v["status"] == "ready" and v["cartridge"]]
     return earlier[-1] if earlier else None
+
+
+def choose_p(db, corpus: dict, row: dict, cfg: TrainConfig, incremental: bool = True) -> int:
+    """The run's p: the preset's p for this corpus's size; an incremental retrain keeps the p of the
+    cartridge it would start from while that is within a quarter of it, so a folder that grows a little
+    is not retrained from scratch for a slightly different p."""
+    from engine.library import cartridge_info
+
+    p = cfg.p_for(int(row["tokens"] or 0))
+    prev = _earlier_ready(db, corpus, row) if incremental and cfg.max_p else None
+    info = cartridge_info(prev["cartridge"]) if prev else None
+    old = int((info or {}).get("p") or 0)
+    return old if old and abs(old - p) <= p / 4 else p
 
 
 def previous_cartridge(db, corpus: dict, number: int, lm):
@@ -371,7 +391,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     With `guard_current` (retrains the watcher starts), a version whose held-out score is clearly worse
     than the serving version's is kept, ready, but not made current; an event says why.
     """
-    from engine.cartridge import (cartridge_embeddings, corpus_init_text, create_cartridge_model, peft_config_for,
+    from engine.cartridge import (cartridge_embeddings, create_cartridge_model, init_embeddings, peft_config_for,
                                   save_cartridge)
     from engine.models import load_model
     from engine.training import distill
@@ -394,6 +414,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         model, preset = saved.get("model"), saved.get("preset", preset)
     else:
         cfg = make_config(preset, **overrides)
+        cfg = cfg.replace(p=choose_p(db, corpus, row, cfg, incremental))
 
     report = on_progress or (lambda progress: None)
     report(Progress("load", message=f"loading model {model or 'default'}"))
@@ -464,7 +485,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
 
         # 4. Distill, from the corpus's own tokens (full) or the previous cartridge (incremental).
         if warm_start is None:
-            peft_model = create_cartridge_model(lm, cfg.p, corpus_init_text(sampler, cfg.p, cfg.init))
+            peft_model = create_cartridge_model(lm, cfg.p, embeddings=init_embeddings(lm, sampler, cfg.p, cfg.init))
         else:
             peft_model = create_cartridge_model(lm, cfg.p, embeddings=warm_start)
 

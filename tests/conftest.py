@@ -9,7 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 # `cartridge train` flags for a cartridge trained in seconds (real model, real self-study).
-TINY_TRAIN = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2"]
+# (Spread excerpts: the default attention initialisation reads the whole corpus once, which costs minutes on
+# a 2-core CPU; test_quality covers it.)
+TINY_TRAIN = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
+              "--init", "spread"]
 
 
 @pytest.fixture(autouse=True)

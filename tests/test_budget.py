@@ -35,3 +35,39 @@ def test_every_file_is_studied_when_the_count_allows():
     plain = sampler.sample_many(12, 64, seed=3)
     assert {path for c in plain for path in c.files} < {d.path for d in docs}  # by size alone, small files are missed
     assert [c.text for c in sampler.sample_many(12, 64, seed=3, cover=True)] == [c.text for c in chunks]
+
+
+def test_p_grows_with_the_corpus_and_keeps_the_kv_small():
+    quick = make_config("quick")
+    sizes = (600, 2_000, 2_500, 4_000, 5_000, 8_000, 28_000)
+    ps = [quick.p_for(tokens) for tokens in sizes]
+    assert ps == [128, 448, 512, 512, 576, 960, 1024]
+    for tokens, p in zip(sizes[1:], ps[1:]):  # at least 4x smaller than the folder, 8x past 4k tokens
+        assert tokens / p >= (8 if tokens > 4_000 else 4)
+    assert ps == sorted(ps)
+    assert make_config("quick", p=300).p_for(28_000) == 300  # an explicit p stays
+
+
+def test_an_incremental_retrain_keeps_a_nearby_p(db, tmp_path):
+    from engine import registry
+    from engine.ingest import ingest
+    from engine.pipeline import choose_p
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.md").write_text("The ferry leaves at nine. " * 700)
+    first = ingest(folder, db=db)
+    corpus = first.corpus
+    tokens = first.version["tokens"]
+    quick = make_config("quick")
+    assert choose_p(db, corpus, first.version, quick) == quick.p_for(tokens)
+    cartridge = tmp_path / "cartridge"
+    cartridge.mkdir()
+    (cartridge / "cartridge.json").write_text('{"p": %d}' % (quick.p_for(tokens) - 64))
+    registry.update_version(db, first.version["id"], status="ready", cartridge=str(cartridge))
+    (folder / "b.md").write_text("The harbour office opens at eight. " * 40)
+    second = ingest(folder, db=db).version
+    assert choose_p(db, corpus, second, quick) == quick.p_for(tokens) - 64  # the warm start's p
+    assert choose_p(db, corpus, second, quick, incremental=False) == quick.p_for(second["tokens"])
+    (cartridge / "cartridge.json").write_text('{"p": 128}')  # too far from this size: the size's own p
+    assert choose_p(db, corpus, second, quick) == quick.p_for(second["tokens"])

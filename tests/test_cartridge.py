@@ -66,7 +66,7 @@ def test_init_matches_text_in_context():
     # The cache path used for chat gives the same result as the PEFT forward used in training.
     torch.testing.assert_close(_logits_with_cache(lm, cartridge_embeddings(peft_model), q), ref, atol=1e-4, rtol=1e-4)
     # The eval's `init` mode rebuilds exactly this untrained cartridge from the same ids.
-    from engine.evaluate import prefix_embeddings
+    from engine.cartridge import prefix_embeddings
 
     torch.testing.assert_close(prefix_embeddings(lm, init_ids(lm, p, TEXT * 3)), cartridge_embeddings(peft_model),
                                atol=1e-5, rtol=1e-5)

@@ -13,7 +13,7 @@ from engine.cartridge import cartridge_embeddings, create_cartridge_model
 from engine.decoding import LoopGuard, contains_all, loop_start, stop_ids
 from engine.training import HeldOut, TrainConfig, distill, split_heldout
 from tests.test_training import CORPUS, teacher_conversations
-from tests.tiny_model import tiny_lm
+from tests.tiny_model import shared_tiny_lm, tiny_lm
 
 
 # -- the loop guard ---------------------------------------------------------------------------------
@@ -60,7 +60,8 @@ def test_chat_answers_end_cleanly_with_and_without_a_cartridge(cartridge_home, e
     from engine.tokenizer import load_tokenizer
 
     assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
-    flags = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2"]
+    flags = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
+             "--init", "spread"]
     assert run_cli("train", "sample", *flags, env_home=cartridge_home).returncode == 0
     tokenizer = load_tokenizer(None)
     for mode in ("none", "cartridge"):
@@ -198,6 +199,50 @@ def test_spread_initialisation_draws_from_across_the_corpus():
             for i in range(5)]
     sampler = ChunkSampler(docs)
     spread, first = corpus_init_text(sampler, 64, "spread"), corpus_init_text(sampler, 64, "first")
-    assert "word0x" in spread and "word4x" in spread and "word4x" not in first
+    assert "Note 0" in spread and "word4x" in spread and "word4x" not in first
     with pytest.raises(Exception, match="unknown cartridge initialisation"):
         corpus_init_text(sampler, 64, "middle")
+
+
+def test_spread_excerpts_fit_the_cartridge():
+    """The excerpts are sized so the chat-templated text fits p: the last excerpt is not cut away."""
+    from engine.cartridge import corpus_init_text
+    from engine.corpus import ChunkSampler, Document
+    from engine.models import chat_ids
+
+    lm = shared_tiny_lm()
+    docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(300)))
+            for i in range(6)]
+    for p in (64, 256):
+        text = corpus_init_text(ChunkSampler(docs), p, "spread")
+        assert len(chat_ids(lm.tokenizer, [{"role": "system", "content": text}], add_generation_prompt=False)) <= p
+        assert "word5x" in text
+
+
+def test_attention_initialisation_keeps_each_heads_most_attended_positions():
+    from engine.cartridge import init_embeddings, prefix_embeddings
+    from engine.corpus import ChunkSampler, Document
+    from engine.kv_select import attention_selected, corpus_ids, rerotate
+
+    lm = shared_tiny_lm()
+    sampler = ChunkSampler([Document("log.md", "0" * 64, "The ferry leaves at nine from pier four. " * 12)])
+    ids = corpus_ids(lm, sampler.text)
+    whole = prefix_embeddings(lm, ids)
+    # Every position kept: nothing moves, so it is the corpus's own KV.
+    torch.testing.assert_close(attention_selected(lm, sampler.text, len(ids)), whole, atol=1e-4, rtol=1e-4)
+    p = 24
+    picked = attention_selected(lm, sampler.text, p)
+    assert picked.shape == (p, whole.shape[1])
+    torch.testing.assert_close(picked[0], whole[0], atol=1e-4, rtol=1e-4)  # the sink stays first
+    # Values are the corpus's own, per head, in corpus order; keys are rotated to positions 0..p-1.
+    packed = picked.view(p, lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+    full = whole.view(len(ids), lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+    inv_freq = lm.model.model.rotary_emb.inv_freq.float()
+    for layer in range(1, lm.n_layers):  # (layer 0's values depend on the token alone: repeats are ambiguous)
+        for head in range(lm.n_kv_heads):
+            rows = [int((full[:, layer, 1, head] - v).abs().sum(-1).argmin()) for v in packed[:, layer, 1, head]]
+            assert rows == sorted(rows) and len(set(rows)) == p
+            back = rerotate(packed[:, layer, 0, head], torch.arange(p), torch.tensor(rows), inv_freq)
+            torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)
+    assert attention_selected(lm, sampler.text, len(ids) + 1) is None  # shorter than p: nothing to select
+    torch.testing.assert_close(init_embeddings(lm, sampler, p, "attention"), picked)

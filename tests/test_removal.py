@@ -12,7 +12,8 @@ from engine.pipeline import corpus_folders, synth_dir
 from engine.tokenizer import load_tokenizer
 
 SECRET = "Brackwater Vault code 7781 belongs to Imogen Tarrow"
-TINY = ["--tokens", "8", "--conversations", "4", "--steps", "1", "--chunk-tokens", "64", "--batch-size", "2"]
+TINY = ["--tokens", "8", "--conversations", "4", "--steps", "1", "--chunk-tokens", "64", "--batch-size", "2",
+        "--init", "spread"]
 
 
 def notes(root, secret: str = ""):

@@ -14,7 +14,8 @@ from engine.inference import open_chat
 from engine.jobs import TrainingQueue
 from engine.watcher import start_watchers
 
-TINY = dict(p=16, conversations=4, steps=6, batch_size=2, chunk_tokens=96, max_answer_tokens=16, max_user_tokens=48)
+TINY = dict(p=16, conversations=4, steps=6, batch_size=2, chunk_tokens=96, max_answer_tokens=16, max_user_tokens=48,
+            init="spread")
 QUESTION = [{"role": "user", "content": "When is the workshop closed?"}]
 
 

@@ -151,7 +151,7 @@ def test_loss_on_all_adds_user_positions():
 def test_presets_and_overrides():
     assert set(PRESETS) == {"demo", "quick", "standard", "thorough"}
     cfg = PRESETS["quick"].replace(p=64, steps=None)
-    assert cfg.p == 64 and PRESETS["quick"].p == 256
+    assert cfg.p == 64 and PRESETS["quick"].p == 128 and PRESETS["quick"].max_p == 1024
     assert TrainConfig(batch_size=4).total_steps(10) == 3
     with pytest.raises(Exception):
         PRESETS["quick"].replace(nonsense=1)
