@@ -10,6 +10,8 @@ p=256: 53% against 42%.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from engine.models import LoadedModel, chat_ids, context_system_prompt
@@ -39,15 +41,20 @@ def attention_scores(lm: LoadedModel, ids: list[int]) -> tuple[list[torch.Tensor
     groups = model.config.num_attention_heads // lm.n_kv_heads
     scores: list[torch.Tensor | None] = [None] * len(layers)
 
+    owner = threading.get_ident()
+
     def keep_scores(index):
         def hook(module, args, output):
+            if threading.get_ident() != owner:  # another thread's forward on the shared model (a chat)
+                return None
             weights = output[1]  # [1, heads, T, T], the eager implementation's softmax
             received = weights[0].float().sum(1)  # [heads, T]
             scores[index] = received.view(lm.n_kv_heads, groups, -1).sum(1)
             return (output[0], None)  # drop the T x T matrix at once
         return hook
 
-    # Eager attention is the implementation that returns its weights; it is set for this forward only.
+    # Eager attention is the implementation that returns its weights; it is set for this forward only (a
+    # forward of another thread meanwhile gives the same results, through the slower implementation).
     configs = {id(c): c for c in [model.config] + [layer.self_attn.config for layer in layers]}.values()
     before = [c._attn_implementation for c in configs]
     handles = [layer.self_attn.register_forward_hook(keep_scores(i)) for i, layer in enumerate(layers)]

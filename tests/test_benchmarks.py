@@ -41,7 +41,7 @@ def test_bench_quality_and_bench_decoding(tmp_path, cartridge_home):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join((ASSETS / "sample_qa.jsonl").read_text().splitlines()[:2]) + "\n")
     home = tmp_path / "bench-home"
-    setting = "tiny: p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16"
+    setting = "tiny: p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16 init=spread"
     doc = run_benchmark("bench_quality.py", str(ASSETS / "sample"), "--qa", str(qa), "--setting", setting,
                         "--home", str(home), home=cartridge_home)
     [row] = doc["rows"]
