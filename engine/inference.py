@@ -61,7 +61,7 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
             model: str | None = None, rag_tokens: int | None = None) -> Target:
     """Look up each corpus's version (its current one, or `version`) and, for cartridge modes, its cartridge.
 
-    The rag budget defaults to the cartridges' p (the quick preset's p for a corpus without one), so
+    The rag budget defaults to the cartridges' p (the quick preset's p for the corpus's size without one), so
     retrieval and the cartridge hold the same KV memory."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -116,7 +116,7 @@ def _cartridge_p(version: dict) -> int:
     from engine.training import PRESETS
 
     info = cartridge_info(version.get("cartridge"))
-    return int(info["p"]) if info and info["p"] else PRESETS["quick"].p
+    return int(info["p"]) if info and info["p"] else PRESETS["quick"].p_for(int(version.get("tokens") or 0))
 
 
 class _Chat:
