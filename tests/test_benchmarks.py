@@ -65,3 +65,18 @@ def test_bench_scale(cartridge_home):
     assert start["chunks"] == min(256, max(96, math.ceil(start["corpus_tokens"] * 16 / 1000)))  # quick's scaling
     assert start["files_studied"] == start["chunks"]  # more files than chunks: each chunk a different file
     assert doc["peak_rss_mb"] > 0
+
+
+def test_bench_init(tmp_path, cartridge_home):
+    folder = tmp_path / "harbour"
+    folder.mkdir()
+    (folder / "notes.md").write_text("The ferry to the island leaves at nine from pier four. Tickets cost three "
+                                     "euros and are sold on board. The harbour office opens at eight.\n" * 3)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "When does the ferry leave?", "answer": "The ferry leaves at nine.",
+                              "expect": ["nine"]}) + "\n")
+    doc = run_benchmark("bench_init.py", str(folder), "--qa", str(qa), "--p", "16,32", "--accuracy", home=cartridge_home)
+    assert [(r["p"], r["init"]) for r in doc["rows"]] == [(p, how) for p in (16, 32)
+                                                           for how in ("first", "spread", "attention")]
+    assert doc["icl"]["nll"] < doc["none"]["nll"]
+    assert all(math.isfinite(r["nll"]) and 0 <= r["accuracy"] <= 1 and r["recovered"] is not None for r in doc["rows"])
