@@ -71,7 +71,7 @@ class TrainConfig:
         an eighth beyond (so its KV stays at least 4x smaller than the folder's, 8x past 4k tokens), in steps
         of 64, between p and max_p. The cartridge starts as excerpts of the corpus, so a larger p starts
         closer to the folder in context: measured on the sample, 29% of icl's NLL gain untrained at p=256,
-        37% at 576."""
+        39% at 576 (spread excerpts)."""
         if self.max_p <= 0:
             return self.p
         scaled = int(min(corpus_tokens / 4, max(corpus_tokens / 8, 512))) // 64 * 64
@@ -93,10 +93,10 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
-# quick: starts from excerpts spread across the corpus (on semantic_version's README: 45.6% of icl's NLL gain
-# recovered vs 42.0% from the first p tokens; a cosine schedule at lr 4e-2 gave 37.6%; see the README).
-# quick: the default model on a 2-core CPU, a ~5k-token folder end to end well within 15 minutes
-# (llama.cpp synthesis with message templates ~13-16 conversations/min; 72 steps of ~3 s). Three
+# quick: p sized to the folder and the attention-selected start (untrained, on the sample at p=576: 47% of icl's
+# NLL gain vs 39% from spread excerpts; on two untuned folders trained: 60% and 51%; see the README).
+# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15-20 minutes
+# (llama.cpp synthesis with message templates ~13-16 conversations/min; 65 steps of ~7 s at p=576). Three
 # epochs over fewer conversations beat two: on that CPU, synthesis costs more than training steps.
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
