@@ -73,7 +73,8 @@ def attention_scores(lm: LoadedModel, ids: list[int]) -> tuple[list[torch.Tensor
 def rerotate(keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Keys rotated (RoPE) at positions `old`, turned to positions `new`: one more rotation by new - old."""
     angle = (new - old).float()[:, None] * inv_freq[None, :]
-    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    angle = torch.cat([angle, angle], -1)
+    cos, sin = angle.cos(), angle.sin()
     half = keys.shape[-1] // 2
     rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], -1)
     return keys * cos + rotated_half * sin
