@@ -159,8 +159,11 @@ def cmd_train(args) -> None:
         print(f"{outcome.corpus} v{outcome.version}: cartridge of {outcome.tokens} tokens from {outcome.conversations} "
               f"conversations, {outcome.steps} steps, loss {outcome.loss_first:.4f} -> {outcome.loss_last:.4f}, "
               f"{outcome.seconds:.0f} s\n  {outcome.cartridge}")
-        if outcome.heldout:
-            h = outcome.heldout
+        h = outcome.heldout
+        if h and h["score"] is None:
+            print(f"  no held-out score: on its {h['conversations']} unseen conversations the folder gave the teacher "
+                  f"no clear advantage (answer NLL none {h['nll_none']:.3f}, teacher {h['nll_teacher']:.3f})")
+        elif h:
             print(f"  held-out score {h['score']:.0%} of the teacher's advantage on {h['conversations']} unseen "
                   f"conversations (untrained: {h['init_score']:.0%}; answer NLL none {h['nll_none']:.3f}, "
                   f"cartridge {h['nll_cartridge']:.3f}, teacher {h['nll_teacher']:.3f})")

@@ -335,6 +335,11 @@ def _teacher_nll(examples: list[_Example]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+# Below this teacher advantage (nats per answer token) the held-out score is noise over a near-zero
+# denominator (a few short, generic answers), so no score is given.
+MIN_TEACHER_GAIN = 0.05
+
+
 class HeldOut:
     """Scores a cartridge on held-out conversations: `score = (none - cartridge) / (none - teacher)`,
     the share of the teacher's advantage (over the bare model) that the cartridge recovers."""
@@ -356,7 +361,7 @@ class HeldOut:
 
     def score(self, nll: float) -> float | None:
         gain = self.none - self.teacher
-        return round((self.none - nll) / gain, 4) if gain > 1e-6 else None
+        return round((self.none - nll) / gain, 4) if gain >= MIN_TEACHER_GAIN else None
 
 
 # ----------------------------------------------------------------------------- checkpoints

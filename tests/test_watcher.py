@@ -455,11 +455,12 @@ def test_a_clearly_worse_retrain_is_kept_but_not_made_current(shared):
     # The serving cartridge's stored held-out score is set to the best possible, 1.0, so that the retrain's
     # real score (from its own held-out conversations) is clearly below it.
     registry.update_version(db, serving["id"], heldout=1.0)
-    # A full retrain of 12 conversations, so that some are held out and the new version gets a score.
-    service = started(TrainingQueue(), db, corpus, **{**TINY, "conversations": 12, "incremental": False})
+    # A full retrain of 12 conversations, so that some are held out and the new version gets a score; answers
+    # of 48 tokens, so that the teacher's advantage on them is clear enough to score (training.MIN_TEACHER_GAIN).
+    service = started(TrainingQueue(), db, corpus,
+                      **{**TINY, "conversations": 12, "max_answer_tokens": 48, "incremental": False})
     try:
-        began = time.time()
-        write(root, "note2.md", SAMPLE[1500:1900] + f"\nan edit at {began}\n")
+        write(root, "note2.md", SAMPLE[1500:1900] + "\nThe members' meeting moved to the first Monday.\n")
         latest = wait_for(lambda: (row := registry.latest_version(db, corpus["id"]))["number"] > before
                           and row["status"] in ("ready", "failed") and row, 300, "the retrain", interval=0.5)
         assert latest["status"] == "ready", latest["error"]
