@@ -148,7 +148,8 @@ def cmd_train(args) -> None:
     bars = _Bars(sys.stderr.isatty())
     try:
         outcome = pipeline.train(db, args.corpus, version=args.version, preset=args.preset, model=args.model,
-                                 device=args.device, resume=args.resume, on_progress=bars, **_train_overrides(args))
+                                 device=args.device, resume=args.resume, on_progress=bars, nproc=args.nproc,
+                                 **_train_overrides(args))
     except KeyboardInterrupt:
         bars.close()
         raise UserError(f"training stopped; continue with `cartridge train {args.corpus} --resume`") from None
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face id or local folder (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of this version")
+    p.add_argument("--nproc", type=int, choices=range(1, 65), default=1, metavar="N",
+                   help="train in N processes with torch DDP (gloo on CPUs, NCCL with one GPU each); "
+                        "self-study stays in one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

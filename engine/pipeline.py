@@ -385,8 +385,11 @@ def _write_in_shards(folder: Path, conversations: list) -> None:
 def train(db, corpus_name: str, *, version: int | None = None, preset: str = "quick", model: str | None = None,
           device: str | None = None, resume: bool = False, incremental: bool = True, synthesis_backend: str = "auto",
           on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          guard_current: bool = False, **overrides) -> TrainOutcome:
+          guard_current: bool = False, nproc: int = 1, **overrides) -> TrainOutcome:
     """Train (or resume) the cartridge of a corpus version and make that version current.
+
+    With `nproc` > 1 the distillation runs in that many processes (engine.distributed); the plan and the
+    self-study stay in this one.
 
     With `guard_current` (retrains the watcher starts), a version whose held-out score is clearly worse
     than the serving version's is kept, ready, but not made current; an event says why.
@@ -419,6 +422,10 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     report = on_progress or (lambda progress: None)
     report(Progress("load", message=f"loading model {model or 'default'}"))
     lm = load_model(model, device)
+    if nproc > 1:
+        from engine.distributed import check
+
+        check(nproc, cfg.batch_size, lm.device.type)
     config_doc = {"train": asdict(cfg), "preset": preset, "model": model, "device": str(lm.device)}
     try:
         run_id = registry.start_run(db, corpus["id"], row["id"], config_doc, pid=os.getpid(),
@@ -494,9 +501,16 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.add_metric(db, run_id, "training", m.step, loss=m.loss, tokens_per_s=m.tokens_per_s,
                                 elapsed_s=m.elapsed_s)
 
-        result = distill(peft_model, lm, conversations, cfg, on_step=on_step,
-                         checkpoint_dir=run_dir(corpus, run_id) / "checkpoint", resume=resume, should_stop=should_stop,
-                         heldout=heldout)
+        checkpoint_dir = run_dir(corpus, run_id) / "checkpoint"
+        if nproc > 1:
+            from engine.distributed import distill_across
+
+            result = distill_across(nproc, peft_model, lm, model, conversations, cfg, on_step=on_step,
+                                    checkpoint_dir=checkpoint_dir, resume=resume, should_stop=should_stop,
+                                    heldout=heldout)
+        else:
+            result = distill(peft_model, lm, conversations, cfg, on_step=on_step, checkpoint_dir=checkpoint_dir,
+                             resume=resume, should_stop=should_stop, heldout=heldout)
         if result.stopped:
             _unwrap(peft_model)
             return _stopped(db, corpus, row, run_id)

@@ -273,6 +273,11 @@ def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
     teacher restricted to its top-k (equal to the KL up to a constant), and positions where the teacher
     spreads mass beyond its top-k simply weigh a little less.
     """
+    return token_losses(peft_model, batch, autocast).mean()
+
+
+def token_losses(peft_model, batch: dict, autocast) -> torch.Tensor:
+    """The per-token terms of `distill_loss` (soft positions first, then hard ones)."""
     logits = _supervised_logits(peft_model, batch, autocast)
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n_supervised, vocab]
     soft = logp[batch["is_soft"]]
@@ -280,7 +285,7 @@ def distill_loss(peft_model, batch: dict, autocast) -> torch.Tensor:
     if batch["hard_targets"].numel():
         hard = logp[~batch["is_soft"]]
         per_token = torch.cat([per_token, -hard.gather(-1, batch["hard_targets"][:, None])[:, 0]])
-    return per_token.mean()
+    return per_token
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -504,13 +509,16 @@ def distill(
     resume: bool = False,
     should_stop: Callable[[], bool] | None = None,
     heldout: list[Conversation] | None = None,
+    parallel: "DataParallel | None" = None,
 ) -> TrainResult:
     """Train the cartridge of `peft_model` on self-study conversations; returns what was done.
 
     `should_stop()` is checked before every step (and Ctrl-C is caught): the loop then saves a
     checkpoint (if it has a folder) and returns with `stopped=True`. With `heldout` conversations, the
     cartridge is scored on them before training, every `cfg.eval_every` steps and at the end, and the
-    best-scoring state is the one left in `peft_model`.
+    best-scoring state is the one left in `peft_model`. With `parallel` (one of several processes, see
+    engine.distributed), each step's batch is split between the processes and their gradients are
+    averaged, so the steps are those of one process with the whole batch; only rank 0 writes checkpoints.
     """
     if cfg.loss_on not in LOSS_ON:
         raise UserError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
@@ -536,6 +544,8 @@ def distill(
     peft_model.eval()  # no dropout: the only thing that learns is the cartridge
     if start == 0:
         tracker.observe(0, peft_model)
+    writes = parallel is None or parallel.rank == 0
+    checkpoints = checkpoint_dir if writes else None
     began = time.perf_counter()
     tokens_seen = 0
     step = start
@@ -545,31 +555,37 @@ def distill(
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            batch = _collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)],
-                             pad_id, lm.device)
+            indices = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+            if parallel is not None:
+                indices = indices[parallel.rank::parallel.world]
+            batch = _collate([examples[i] for i in indices], pad_id, lm.device)
             optimizer.zero_grad(set_to_none=True)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, total)
-            loss = distill_loss(peft_model, batch, lm.autocast())
-            loss.backward()
+            if parallel is None:
+                loss = distill_loss(peft_model, batch, lm.autocast())
+                loss.backward()
+                loss, n_tokens = float(loss.detach()), batch["n_tokens"]
+            else:
+                loss, n_tokens = parallel.backward(batch, lm.autocast(), param)
             optimizer.step()
             step += 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                 tracker.observe(step, peft_model)
-            losses.append(float(loss.detach()))
-            tokens_seen += batch["n_tokens"]
+            losses.append(loss)
+            tokens_seen += n_tokens
             elapsed = time.perf_counter() - began
             if on_step is not None:
                 done = step - start
                 on_step(StepMetrics(step=step, total_steps=total, loss=losses[-1], tokens_per_s=tokens_seen / elapsed,
                                     lr=optimizer.param_groups[0]["lr"], elapsed_s=elapsed,
                                     eta_s=elapsed / done * (total - step)))
-            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses, tracker)
+            if checkpoints is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(checkpoints, step, peft_model, optimizer, identity, losses, tracker)
     except KeyboardInterrupt:
         stopped = True
-    if stopped and checkpoint_dir is not None and step > start:
-        save_checkpoint(checkpoint_dir, step, peft_model, optimizer, identity, losses, tracker)
+    if stopped and checkpoints is not None and step > start:
+        save_checkpoint(checkpoints, step, peft_model, optimizer, identity, losses, tracker)
     if not stopped:
         if tracker.heldout and (not tracker.curve or tracker.curve[-1][0] != step):
             tracker.observe(step, peft_model)
