@@ -263,7 +263,7 @@ def build(ctx) -> dict:
         return (chosen if chosen else gr.skip(), gr.update(visible=False), gr.skip(), gr.skip(), gr.skip())
 
     def do_browse_into(folder, name):
-        if not name:
+        if not name or not os.path.isdir(os.path.join(folder, name)):  # e.g. a name typed that is no folder
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return browser_view(os.path.join(folder, name))
 

@@ -149,22 +149,62 @@ def shot(driver, name) -> Path:
 
 # -- the test --------------------------------------------------------------------------------------
 
-def test_click_through_every_tab(browser, tmp_path):
+def streamed(driver, done_text: str, timeout: float = 180) -> list[str]:
+    """The distinct texts the last answer showed while it was written, until `done_text` appears."""
+    script = ("const m = document.querySelectorAll('#chatbot [data-testid=\"bot\"], #chatbot .message.bot');"
+              "return m.length ? m[m.length - 1].innerText : '';")
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        text = driver.execute_script(script) or ""
+        if done_text.lower() in text.lower():
+            return seen
+        if text.strip() and (not seen or text != seen[-1]):
+            seen.append(text)
+        time.sleep(0.05)
+    raise AssertionError(f"{done_text!r} never appeared; the answer showed {seen[-1:]}")
+
+
+def error_toasts(driver) -> list[str]:
+    return [e.text for e in driver.find_elements("css selector", ".toast-body.error") if e.is_displayed()]
+
+
+def no_error_toast(driver) -> None:
+    assert not error_toasts(driver), error_toasts(driver)
+
+
+def test_a_new_user_clicks_through_every_tab(browser, tmp_path, monkeypatch):
+    """The whole first path in one go: pick the sample folder with the in-page folder browser, train it with
+    the demo preset, chat with the cartridge as the answer streams in, evaluate and see the chart."""
     driver = browser
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):  # no desktop: Browse… opens the in-page folder browser
+        monkeypatch.delenv(name, raising=False)
     with served_app(7980) as (demo, url):
         driver.get(url)
         wait_text(driver, "Cartridge Desktop")
         wait_text(driver, "Your corpora")
 
-        # Library: a bad path is a readable message; the sample folder shows its manifest before training
+        # Library: a bad path is a readable message, closed again
         type_into(driver, "#folder-path", str(tmp_path / "does-not-exist"))
         css(driver, "#scan-btn").click()
         wait_text(driver, "no such folder")
         for close in driver.find_elements("css selector", ".toast-close, button[aria-label='Close']"):
             if close.is_displayed():
                 close.click()
-        type_into(driver, "#folder-path", str(ASSETS / "sample"), enter=True)
+        wait_for(lambda: not error_toasts(driver), timeout=15)
+
+        # Browse…: the folder browser opens where the path field points; open sample/ and use it
+        type_into(driver, "#folder-path", str(ASSETS))
+        css(driver, "#browse-btn").click()
+        wait_text(driver, str(ASSETS), selector="#browser-where")
+        css(driver, "#browser-subfolders input").click()
+        wait_for(lambda: [e for e in driver.find_elements("css selector", "ul[role='listbox'] li")
+                          if e.is_displayed() and e.text.strip() == "sample/"])
+        click_text(driver, "ul[role='listbox'] li", "sample/")
+        wait_text(driver, str(ASSETS / "sample"), selector="#browser-where")
+        css(driver, "#browser-use").click()
+        wait_value(driver, "#folder-path", str(ASSETS / "sample"))
         wait_text(driver, "history.md", selector="#folder-preview")
+        no_error_toast(driver)
         # pick a file in the preview and exclude it
         driver.find_element("xpath", "//*[@id='folder-preview']//li[.//span[normalize-space()='history.md']]"
                                      "//input[@type='checkbox']").click()
@@ -177,18 +217,12 @@ def test_click_through_every_tab(browser, tmp_path):
         assert "sample" in table and "handbook.md" in wait_text(driver, "handbook.md")
         shot(driver, "1-library")
 
-        # Train: settings, then a tiny job whose progress the page follows
+        # Train: the demo preset, whose progress the page follows
         click_tab(driver, "Train")
         text = wait_text(driver, "Start training")
         assert "Preset" in text and "Advanced settings" in text and "Distillation loss" in text
-        click_text(driver, "button, span", "Advanced settings")
-        for elem_label, value in (("p (virtual tokens)", "8"), ("Conversations", "4"), ("Steps (0 = preset passes)", "2"),
-                                  ("Batch size", "2"), ("Chunk tokens", "96")):
-            xpath = f"//label[.//span[normalize-space()='{elem_label}']]//input"
-            wait_for(lambda: [f for f in driver.find_elements("xpath", xpath) if f.is_displayed()])
-            field = driver.find_element("xpath", xpath)
-            field.clear()
-            field.send_keys(value)
+        driver.find_element("xpath", "//label[.//span[starts-with(normalize-space(), 'demo —')]]").click()
+        wait_text(driver, "trades answer quality for speed")
         css(driver, "#train-btn").click()
         wait_text(driver, "sample", selector="#train-progress")
         wait_text(driver, "running", selector="#train-progress", timeout=30)
@@ -214,6 +248,7 @@ def test_click_through_every_tab(browser, tmp_path):
         click_tab(driver, "Train")
         card = wait_text(driver, "v1 is ready", timeout=900, selector="#train-progress", fail_on="failed")
         assert "done" in card.lower()
+        no_error_toast(driver)
         time.sleep(1.5)
         shot(driver, "4-train-done")
 
@@ -229,7 +264,9 @@ def test_click_through_every_tab(browser, tmp_path):
         click_text(driver, "label, span", "Cartridge")
         type_into(driver, "#chat-input", "When does the makerspace open on Saturdays?")
         css(driver, "#send-btn").click()
-        wait_text(driver, "sample v1 (cartridge)", timeout=180, selector="#chatbot")
+        partial = streamed(driver, "sample v1 (cartridge)")
+        assert len(partial) >= 2, f"the answer did not stream: {partial}"
+        no_error_toast(driver)
         shot(driver, "6-chat-cartridge")
 
         # Evaluate: the sample questions can be loaded; two uploaded questions are scored in three modes
@@ -250,6 +287,7 @@ def test_click_through_every_tab(browser, tmp_path):
         figures = wait_text(driver, "cartridge", selector="#eval-table")
         assert "none (no corpus)" in figures and "icl (folder in context)" in figures and " MB" in figures
         assert driver.find_elements("css selector", "#eval-chart svg, #eval-chart canvas")
+        no_error_toast(driver)
         time.sleep(1)
         shot(driver, "7-evaluate")
         assert not [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
