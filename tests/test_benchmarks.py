@@ -80,3 +80,23 @@ def test_bench_init(tmp_path, cartridge_home):
                                                            for how in ("first", "spread", "attention")]
     assert doc["icl"]["nll"] < doc["none"]["nll"]
     assert all(math.isfinite(r["nll"]) and 0 <= r["accuracy"] <= 1 and r["recovered"] is not None for r in doc["rows"])
+
+
+def test_bench_bigfolder(tmp_path, cartridge_home):
+    """A folder beyond the context (the sample repeated), tiny training: every mode but icl is reported."""
+    folder = tmp_path / "big"
+    for i in range(2):  # ~10k tokens, more than the model's 8,192
+        for path in sorted((ASSETS / "sample").glob("*.md")):
+            (folder / f"copy{i}").mkdir(parents=True, exist_ok=True)
+            (folder / f"copy{i}" / path.name).write_text(path.read_text())
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join((ASSETS / "sample_qa.jsonl").read_text().splitlines()[:2]) + "\n")
+    doc = run_benchmark("bench_bigfolder.py", str(folder), "--qa", str(qa), "--setting",
+                        "p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16 init=spread",
+                        "--home", str(tmp_path / "bench-home"), home=cartridge_home)
+    assert doc["corpus_tokens"] > 8192 and doc["p"] == 16 and doc["questions"] == 2
+    assert list(doc["modes"]) == ["none", "rag", "init", "cartridge", "cartridge+rag"]
+    for m in doc["modes"].values():
+        assert math.isfinite(m["nll"]) and 0 <= m["accuracy"] <= 1 and m["kv_bytes"] > 0 and m["ttft_s"] > 0
+    assert doc["modes"]["none"]["kv_bytes"] < doc["modes"]["cartridge"]["kv_bytes"]
+    assert set(doc["targets"]) == {"cartridge+rag beats rag", "cartridge beats none"}
