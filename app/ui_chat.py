@@ -101,6 +101,8 @@ class ChatBackends:
                    tuple(content_key(f) for f in target.cartridge_folders), target.model_spec)
             with self._lock:
                 backend = self._items.pop(key, None)
+                if backend is not None and not getattr(getattr(backend, "llama", None), "alive", True):
+                    backend = None  # its llama.cpp worker died: the next message gets a new one
                 if backend is None:
                     backend = inference.open_chat(db, corpora, version=version, mode=mode)
                 self._items[key] = backend  # most recently used last

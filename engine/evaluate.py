@@ -193,10 +193,11 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
 
     # Like chat: llama.cpp for the bundled GGUF on a CPU (what answers the user), torch otherwise.
     if choose_engine(engine, model) == "llama.cpp" and (engine == "llama.cpp" or lm.device.type == "cpu"):
-        from engine.llamacpp import LayoutUnsupported, LlamaCppEngine
+        from engine.llamacpp import LayoutUnsupported
+        from engine.llamacpp_worker import LlamaCppProcess
 
         try:
-            llama = LlamaCppEngine(n_ctx=lm.max_positions)
+            llama = LlamaCppProcess(n_ctx=lm.max_positions)
         except LayoutUnsupported:
             if engine == "llama.cpp":
                 raise
@@ -261,6 +262,8 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
         if generated:
             results[mode]["accuracy"] = round(sum(g["correct"] for g in generated) / len(generated), 4)
             results[mode]["answers"] = generated
+    if llama is not None:
+        llama.close()  # its worker process ends here
     recovered = None
     if {"none", "icl", "cartridge"} <= set(results):
         gain = results["none"]["nll"] - results["icl"]["nll"]

@@ -252,13 +252,14 @@ class LlamaCppChat(_Chat):
     engine = "llama.cpp"
 
     def __init__(self, db, target: Target):
-        from engine.llamacpp import LlamaCppEngine, template_prefix_ids
+        from engine.llamacpp import template_prefix_ids
+        from engine.llamacpp_worker import LlamaCppProcess
         from engine.paths import default_model_path
         from engine.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(None)
         n_ctx = 8192 if target.mode == "icl" else 4096
-        self.llama = LlamaCppEngine(default_model_path(), n_ctx=n_ctx)
+        self.llama = LlamaCppProcess(default_model_path(), n_ctx=n_ctx)  # a native crash ends the worker, not the app
         super().__init__(db, target, tokenizer, self.llama.n_ctx)
         if target.mode in CARTRIDGE_MODES:
             embeddings = compose([load_cartridge(f, self.llama) for f in target.cartridge_folders])

@@ -21,6 +21,7 @@ import numpy as np
 from engine.conversations import Conversation
 from engine.errors import UserError
 from engine.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
+from engine.llamacpp_worker import LlamaCppProcess
 from engine.models import chat_ids
 from engine.synthesis import (
     BACKENDS,
@@ -130,7 +131,7 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
         if not isinstance(chunks, (list, tuple)):
             chunks = list(chunks)
         size = n_ctx or context_size_for(chunks, max_user_tokens, max_answer_tokens)
-        engine = LlamaCppEngine(model_path, n_ctx=size)
+        engine = LlamaCppProcess(model_path, n_ctx=size)
     engine.clear()
     stop = stop_ids(tokenizer)
     produced = 0
@@ -160,7 +161,7 @@ def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max
         return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
     chunks = list(chunks)
     try:
-        engine = LlamaCppEngine(None, n_ctx=context_size_for(chunks, max_user_tokens, max_answer_tokens))
+        engine = LlamaCppProcess(None, n_ctx=context_size_for(chunks, max_user_tokens, max_answer_tokens))
     except LayoutUnsupported:
         return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
     if engine.fingerprint != lm.fingerprint:  # the torch model must be the same file the cartridge is trained on

@@ -253,3 +253,38 @@ def test_llamacpp_synthesis(lm, monkeypatch):
         assert np.all(np.diff(c.topk_logprobs.astype(np.float32), axis=1) <= 1e-3)
         assert c.n_tokens <= 24  # shorter: ended by the stop token or cut where greedy decoding looped
         assert loop_start(c.answer_ids.tolist()) is None
+
+
+def test_llamacpp_runs_in_a_worker_process_and_a_crash_there_is_a_clear_error(tmp_path, monkeypatch):
+    """Chat on llama.cpp runs in a worker process: the worker answers as the engine does in process, and when
+    native code dies there (a real SIGSEGV to the worker) the chat raises a clear error, the app's process
+    lives on, and the next chat starts a new worker."""
+    import os
+    import signal
+
+    from engine import registry
+    from engine.inference import open_chat
+    from engine.ingest import ingest
+    from engine.llamacpp_worker import LlamaCppCrashed
+
+    monkeypatch.setenv("CARTRIDGE_HOME", str(tmp_path / "home"))
+    db = registry.open_registry()
+    ingest(ASSETS / "sample", db=db)
+    question = [{"role": "user", "content": "Say hello."}]
+    chat = open_chat(db, ["sample"], mode="none", engine="llama.cpp")
+    worker = chat.llama._proc
+    assert worker.pid != os.getpid() and worker.poll() is None
+    streamed = []
+    reply = chat.reply(question, max_new_tokens=8, on_text=streamed.append)
+    assert reply.answer and reply.engine == "llama.cpp" and "".join(streamed).strip().startswith(reply.answer.strip()[:5])
+    with LlamaCppEngine(n_ctx=4096) as local:  # the same greedy answer in process
+        ids = chat.prompt_ids(question)
+        assert chat.llama.generate(ids, max_new_tokens=8) == local.generate(ids, max_new_tokens=8)
+
+    os.kill(worker.pid, signal.SIGSEGV)
+    with pytest.raises(LlamaCppCrashed, match="SIGSEGV"):
+        chat.reply(question, max_new_tokens=8)
+    assert isinstance(LlamaCppCrashed("x"), UserError)  # shown as an error message, not a traceback
+    again = open_chat(db, ["sample"], mode="none", engine="llama.cpp")
+    assert again.reply(question, max_new_tokens=8).answer == reply.answer
+    again.llama.close()
