@@ -879,14 +879,3 @@ def template_prefix_ids(tokenizer) -> list[int]:
 def cartridge_layout_for(lm) -> KVLayout:
     """The KV layout a torch LoadedModel implies (to compare with an engine's before injecting)."""
     return KVLayout(n_layer=lm.n_layers, n_kv_heads=lm.n_kv_heads, head_dim=lm.head_dim, v_trans=True)
-
-
-def synthesize(lm, chunks, n: int, **kwargs):
-    """The "llamacpp" backend of `engine.synthesis.synthesize` (same signature as the torch backend).
-
-    Runs the default GGUF on llama.cpp (see `engine.synthesis_llamacpp`); another model, or a llama.cpp
-    whose KV layout is unknown, is handed to the torch backend.
-    """
-    from engine.synthesis_llamacpp import llamacpp_backend
-
-    return llamacpp_backend(lm, chunks, n, **kwargs)

@@ -5,7 +5,7 @@ The worker imports llama.cpp before anything else (a CUDA build has crashed when
 first) and never loads torch. A crash in native code (a segmentation fault, an illegal instruction) ends
 the worker only: the app gets a UserError that names the signal, and the next chat starts a new worker.
 
-Calls go over a local authenticated connection: (method, args, kwargs) in, the result out. Callbacks
+Calls go over a local authenticated connection: (method, args, kwargs, callback names) in, the result out. Callbacks
 (`on_token`, `on_logits`, `should_stop`) are called back in the app's process, one round trip each; the
 random generator and the loop guard a call mutates come back with its result and are copied into the
 caller's objects, so a call behaves as it does in process.
@@ -30,11 +30,6 @@ _START_TIMEOUT_S = 120
 
 class LlamaCppCrashed(UserError):
     """The llama.cpp worker process died (native crash or killed)."""
-
-
-class _Callback:
-    def __init__(self, name: str):
-        self.name = name
 
 
 def _plain(value):
@@ -127,16 +122,10 @@ class LlamaCppProcess:
         return rest
 
     def _call(self, name: str, *args, **kwargs):
-        callbacks = {}
-        sent = {}
-        for key, value in kwargs.items():
-            if callable(value) and key not in _STATEFUL:
-                callbacks[key] = value
-                sent[key] = _Callback(key)
-            else:
-                sent[key] = _plain(value)
-        result, stateful = self._request(("call", name, tuple(_plain(a) for a in args), sent), f"running {name}",
-                                         callbacks)
+        callbacks = {k: v for k, v in kwargs.items() if callable(v) and k not in _STATEFUL}
+        sent = {k: _plain(v) for k, v in kwargs.items() if k not in callbacks}
+        result, stateful = self._request(("call", name, tuple(_plain(a) for a in args), sent, tuple(callbacks)),
+                                         f"running {name}", callbacks)
         for key, value in stateful.items():  # the worker's copies after the call
             mine = kwargs[key]
             if key == "rng":
@@ -193,7 +182,6 @@ def _serve(host: str, port: int, key: bytes) -> None:
     from multiprocessing.connection import Client
 
     from engine.llamacpp import LlamaCppEngine
-    from engine.llamacpp_worker import _Callback as Marker  # the class the app pickles (this file runs as __main__)
 
     conn = Client((host, port), authkey=key)
     engine = None
@@ -221,8 +209,8 @@ def _serve(host: str, port: int, key: bytes) -> None:
             elif kind == "get":
                 conn.send(("result", getattr(engine, message[1])))
             else:
-                _, name, args, kwargs = message
-                kwargs = {k: callback(v.name) if isinstance(v, Marker) else v for k, v in kwargs.items()}
+                _, name, args, kwargs, callbacks = message
+                kwargs.update({k: callback(k) for k in callbacks})
                 result = getattr(engine, name)(*args, **kwargs)
                 conn.send(("result", result, {k: kwargs[k] for k in _STATEFUL if kwargs.get(k) is not None}))
         except Exception as exc:

@@ -440,16 +440,15 @@ BACKENDS: dict[str, Callable[..., Iterator[Conversation]]] = {"torch": _synthesi
 
 
 def _register_llamacpp() -> None:
-    """Pick up `engine.llamacpp.synthesize` (same signature as the torch backend) when it can be imported."""
+    """Pick up `engine.synthesis_llamacpp.llamacpp_backend` (same signature as the torch backend) when it
+    can be imported."""
     if "llamacpp" in BACKENDS:
         return
     try:
-        from engine import llamacpp
+        from engine.synthesis_llamacpp import llamacpp_backend
     except Exception:  # llama-cpp-python missing or broken: the torch backend remains
         return
-    fn = getattr(llamacpp, "synthesize", None)
-    if callable(fn):
-        BACKENDS["llamacpp"] = fn
+    BACKENDS["llamacpp"] = llamacpp_backend
 
 
 def synthesize(

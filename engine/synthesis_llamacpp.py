@@ -7,7 +7,7 @@ come from the very logits that chose each greedy answer token: no second forward
 
 Same contract as the torch backend in `engine.synthesis` (same system prompt, seed draw, user-message
 cleaning and filter with one retry, answers that keep their final stop token with its top-k). It is that
-module's "llamacpp" backend, through `engine.llamacpp.synthesize` (importing this module registers it too).
+module's "llamacpp" backend (`llamacpp_backend`).
 """
 
 from __future__ import annotations
