@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 MODES = ("none", "rag", "init", "cartridge", "cartridge+rag")
 
 
@@ -45,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     from engine import pipeline, registry
     from engine.evaluate import evaluate
     from engine.ingest import ingest
-    from engine.quiet import quiet_third_party
-
-    quiet_third_party()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     _, overrides = parse_setting(f"run: {args.setting}")
     db = registry.open_registry()

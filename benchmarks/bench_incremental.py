@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 N_FILES = 20
 ITEMS = ["lathe", "band saw", "soldering station", "laser cutter", "3D printer", "drill press", "sewing machine",
          "kiln", "router table", "oscilloscope", "vinyl cutter", "welding bench"]

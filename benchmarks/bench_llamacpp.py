@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 QUESTION = "Summarise the safety rules for the laser cutter in three sentences."
 
 

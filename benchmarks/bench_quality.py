@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 
 def parse_setting(text: str) -> tuple[str, dict]:
     """`NAME: key=value ...` -> (NAME, {key: typed value}), typed from the training configuration."""

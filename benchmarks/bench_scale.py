@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 WORDS = ("harbour tide lantern ledger copper signal meadow orchard quarry beacon ferry crate pontoon "
          "keeper gull anchor rope sail net buoy chart compass galley mast").split()
 

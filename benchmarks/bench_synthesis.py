@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # library deprecation notices stay out of the figures
+
 
 def run_backend(lm, chunks, n: int, backend: str, seeds: dict, cfg) -> dict:
     from engine.synthesis import synthesize
