@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue as queue_module
+import re
 import signal
 import socket
 import tempfile
@@ -148,7 +149,8 @@ def distill_across(nproc: int, peft_model, lm, model: str | None, conversations:
                     continue
                 except mp.ProcessRaisedException as exc:
                     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-                    raise UserError(f"a training process failed: {lines[-1] if lines else exc}") from None
+                    last = re.sub(r"^[\w.]+: ", "", lines[-1]) if lines else str(exc)  # drop the exception's class
+                    raise UserError(f"a training process failed: {last}") from None
                 relay()
                 if should_stop is not None and should_stop():
                     stop.set()
