@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from engine.errors import UserError
@@ -70,9 +71,10 @@ class LlamaCppProcess:
             accepted: list = []
             thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
             thread.start()
-            while thread.is_alive() and self._proc.poll() is None:
+            deadline = time.monotonic() + _START_TIMEOUT_S  # a worker that neither connects nor exits
+            while thread.is_alive() and self._proc.poll() is None and time.monotonic() < deadline:
                 thread.join(0.1)
-            thread.join(_START_TIMEOUT_S if self._proc.poll() is None else 0.5)
+            thread.join(0.5)  # it may have connected just before exiting
             if not accepted:
                 self._proc.kill()
                 raise LlamaCppCrashed(f"the llama.cpp worker did not start ({_signal_name(self._proc.wait())})")
