@@ -480,6 +480,7 @@ class LlamaCppEngine:
         )
         self.prefix_len = 0  # cartridge cells at 0..prefix_len-1
         self.tokens: list[int] = []  # evaluated token ids after the cartridge
+        self._prompt: tuple[list[int], np.ndarray] | None = None  # the last prompt prefilled and its logits
         if check:
             try:
                 self.check_layout()
@@ -591,6 +592,7 @@ class LlamaCppEngine:
         self._L.llama_memory_clear(self._mem, True)
         self.prefix_len = 0
         self.tokens = []
+        self._prompt = None
 
     def truncate(self, n_tokens: int) -> None:
         """Keep the cartridge and the first `n_tokens` evaluated tokens; drop the rest of sequence 0."""
@@ -600,6 +602,8 @@ class LlamaCppEngine:
         if not self._L.llama_memory_seq_rm(self._mem, 0, self.prefix_len + n_tokens, -1):
             raise RuntimeError("llama.cpp could not truncate sequence 0")
         del self.tokens[n_tokens:]
+        if self._prompt is not None and n_tokens < len(self._prompt[0]):
+            self._prompt = None
 
     def read_state(self) -> bytes:
         """The raw llama.cpp state of sequence 0."""
@@ -614,6 +618,7 @@ class LlamaCppEngine:
         """Replace sequence 0 with a raw state; refused states leave the sequence empty."""
         buf = (ctypes.c_uint8 * max(len(data), 1)).from_buffer_copy(data if data else b"\0")
         _take_errors()
+        self._prompt = None
         read = int(self._L.llama_state_seq_set_data(self._ctx, buf, len(data), 0))
         if read != len(data):
             self.prefix_len, self.tokens = 0, []
@@ -674,6 +679,7 @@ class LlamaCppEngine:
         self.clear()
         self.eval(ids)
         self.prefix_len, self.tokens = len(self.tokens), []
+        self._prompt = None
         return self.prefix_len
 
     def inject(self, embeddings, warm_ids: list[int] | None = None) -> int:
@@ -749,10 +755,18 @@ class LlamaCppEngine:
         return logits
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        """Make sequence 0 hold cartridge + `ids`, reusing the longest common prefix; returns the last logits."""
+        """Make sequence 0 hold cartridge + `ids`, reusing the longest common prefix; returns the last logits.
+
+        The same prompt again (a regenerated answer, a repeated question) reuses its saved logits: evaluating
+        its last token alone would round differently from the batch it was first evaluated in, and a greedy
+        answer could change with what the engine happened to hold.
+        """
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("empty prompt")
+        if self._prompt is not None and self._prompt[0] == ids and self.tokens[:len(ids)] == ids:
+            self.truncate(len(ids))
+            return self._prompt[1].copy()
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -760,7 +774,9 @@ class LlamaCppEngine:
             common += 1
         common = min(common, len(ids) - 1)  # the last prompt token is re-evaluated for its logits
         self.truncate(common)
-        return self.eval(ids[common:])
+        logits = self.eval(ids[common:])
+        self._prompt = (ids, logits.copy())
+        return logits
 
     def next_token_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """Logits [vocab] (float32) for the token after cartridge + `prompt_ids`."""

@@ -82,7 +82,7 @@ class LlamaCppProcess:
         finally:
             listener.close()
         try:
-            self._methods, _ = self._request(("open", (str(model_path) if model_path is not None else None,), kwargs),
+            (self._methods, _), _ = self._request(("open", (str(model_path) if model_path is not None else None,), kwargs),
                                              "starting")
         except BaseException:
             self.close()
@@ -105,35 +105,49 @@ class LlamaCppProcess:
                                "Try again, or use --engine torch")
 
     def _request(self, message: tuple, doing: str, callbacks: dict | None = None):
+        """Send `message` and answer callbacks until the result comes: (result, state, exception a callback
+        raised). A callback that raises (a stop, Ctrl-C) unwinds the call in the worker too, so the two
+        sides stay in step; anything else that interrupts the exchange ends the worker."""
         if self._closed:
             raise LlamaCppCrashed("the llama.cpp worker is closed")
+        raised = None
         with self._lock:
             try:
                 self._conn.send(message)
                 while True:
                     kind, *rest = self._conn.recv()
-                    if kind == "callback":
-                        name, args = rest
-                        self._conn.send(callbacks[name](*args))
-                        continue
-                    break
+                    if kind != "callback":
+                        break
+                    name, args = rest
+                    try:
+                        value = callbacks[name](*args)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised once the worker has unwound
+                        raised = exc
+                        self._conn.send(("raise",))
+                    else:
+                        self._conn.send(("value", value))
             except (EOFError, ConnectionError, OSError):
                 raise self._crashed(doing) from None
+            except BaseException:  # interrupted mid-exchange: the worker's next message would be out of step
+                self._kill()
+                raise
         if kind == "error":
             raise pickle.loads(rest[0])
-        return rest
+        return rest, raised
 
     def _call(self, name: str, *args, **kwargs):
         callbacks = {k: v for k, v in kwargs.items() if callable(v) and k not in _STATEFUL}
         sent = {k: _plain(v) for k, v in kwargs.items() if k not in callbacks}
-        result, stateful = self._request(("call", name, tuple(_plain(a) for a in args), sent, tuple(callbacks)),
-                                         f"running {name}", callbacks)
+        (result, stateful), raised = self._request(
+            ("call", name, tuple(_plain(a) for a in args), sent, tuple(callbacks)), f"running {name}", callbacks)
         for key, value in stateful.items():  # the worker's copies after the call
             mine = kwargs[key]
             if key == "rng":
                 mine.bit_generator.state = value.bit_generator.state
             else:
                 mine.__dict__.update(value.__dict__)
+        if raised is not None:
+            raise raised
         return result
 
     def __getattr__(self, name: str):
@@ -141,7 +155,13 @@ class LlamaCppProcess:
             raise AttributeError(name)
         if name in self.__dict__.get("_methods", ()):
             return lambda *args, **kwargs: self._call(name, *args, **kwargs)
-        return self._request(("get", name), f"reading {name}")[0]
+        return self._request(("get", name), f"reading {name}")[0][0]
+
+    def _kill(self) -> None:
+        self._closed = True
+        self._proc.kill()
+        self._proc.wait()
+        self._conn.close()
 
     def close(self) -> None:
         if self._closed or self._conn is None:
@@ -171,6 +191,10 @@ class LlamaCppProcess:
 # -- the worker -------------------------------------------------------------------------------------
 
 
+class _CallbackRaised(Exception):
+    """A callback raised in the app's process: the call unwinds here and the app raises the original."""
+
+
 def _error(exc: BaseException) -> bytes:
     try:
         data = pickle.dumps(exc)
@@ -191,7 +215,10 @@ def _serve(host: str, port: int, key: bytes) -> None:
     def callback(name):
         def call(*args):
             conn.send(("callback", name, args))
-            return conn.recv()
+            answer = conn.recv()
+            if answer[0] == "raise":
+                raise _CallbackRaised
+            return answer[1]
         return call
 
     while True:
@@ -213,7 +240,10 @@ def _serve(host: str, port: int, key: bytes) -> None:
             else:
                 _, name, args, kwargs, callbacks = message
                 kwargs.update({k: callback(k) for k in callbacks})
-                result = getattr(engine, name)(*args, **kwargs)
+                try:
+                    result = getattr(engine, name)(*args, **kwargs)
+                except _CallbackRaised:  # the app re-raises the callback's own exception
+                    result = None
                 conn.send(("result", result, {k: kwargs[k] for k in _STATEFUL if kwargs.get(k) is not None}))
         except Exception as exc:
             conn.send(("error", _error(exc)))

@@ -162,6 +162,22 @@ def test_composed_cartridges_generate(lm, engine, texts):
     assert ours.argmax() == theirs.argmax()
 
 
+def test_the_same_prompt_gives_the_same_answer_whatever_the_engine_held(lm, engine, texts):
+    """A repeated prompt reuses its saved logits (its last token evaluated alone rounds differently), so a
+    greedy answer does not depend on what the engine held before; a new cartridge forgets them."""
+    emb = torch_kv(lm, init_ids(lm, 24, texts[0]))
+    prompt = question(lm, "When is the workshop closed?")
+    engine.inject(emb)
+    batch = engine.next_token_logits(prompt)  # the whole prompt in one batch
+    first = engine.generate(prompt, 24)
+    assert np.array_equal(engine.next_token_logits(prompt), batch)
+    assert [engine.generate(prompt, 24) for _ in range(2)] == [first, first]
+    engine.inject(torch_kv(lm, init_ids(lm, 24, texts[1])))
+    fresh = engine.next_token_logits(prompt)
+    engine.inject(emb)
+    assert not np.array_equal(engine.next_token_logits(prompt), fresh)
+
+
 def test_wrong_layouts_are_refused(lm, engine, texts, monkeypatch):
     emb = torch_kv(lm, init_ids(lm, 8, texts[0]))
     good = encode_state(emb, engine.layout)
@@ -280,6 +296,12 @@ def test_llamacpp_runs_in_a_worker_process_and_a_crash_there_is_a_clear_error(tm
     with LlamaCppEngine(n_ctx=4096) as local:  # the same greedy answer in process
         ids = chat.prompt_ids(question)
         assert chat.llama.generate(ids, max_new_tokens=8) == local.generate(ids, max_new_tokens=8)
+
+    # A stop raised in a callback (the UI's Stop button) ends the call in the worker too; the next call is in step.
+    asked = []
+    stopped = chat.reply(question, max_new_tokens=8, should_stop=lambda: len(asked.append(1) or asked) >= 3)
+    assert len(asked) == 3 and stopped.n_tokens < 3 and reply.answer.startswith(stopped.answer)
+    assert chat.reply(question, max_new_tokens=8).answer == reply.answer
 
     os.kill(worker.pid, signal.SIGSEGV)
     with pytest.raises(LlamaCppCrashed, match="SIGSEGV"):
