@@ -98,7 +98,7 @@ def cmd_versions(args) -> None:
 
 def _train_overrides(args) -> dict:
     return {"p": args.tokens, "conversations": args.conversations, "steps": args.steps, "batch_size": args.batch_size,
-            "chunk_tokens": args.chunk_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
+            "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
             "teacher": args.teacher, "lr_schedule": args.lr_schedule, "init": args.init}
 
 
@@ -275,7 +275,7 @@ def cmd_watch(args) -> None:
     from engine.watcher import start_watchers
 
     overrides = {"p": args.tokens, "conversations": args.conversations, "steps": args.steps,
-                 "batch_size": args.batch_size, "chunk_tokens": args.chunk_tokens}
+                 "batch_size": args.batch_size, "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens}
     make_config(args.preset, **overrides)  # bad settings fail here, not at the first retrain
     for name in args.corpus:
         set_watch(db, name, True)
@@ -336,6 +336,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, metavar="S", help="optimizer steps (default: the preset's passes over the conversations)")
     p.add_argument("--batch-size", type=int, help="conversations per step")
     p.add_argument("--chunk-tokens", type=int, help="corpus chunk size shown during self-study")
+    p.add_argument("--answer-tokens", type=int, metavar="N",
+                   help="longest self-study answer (default: the preset's; shorter is faster, longer teaches more)")
 
 
 def build_parser() -> argparse.ArgumentParser:

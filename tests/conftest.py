@@ -12,7 +12,7 @@ ASSETS = ROOT / "assets"
 # (Spread excerpts: the default attention initialisation reads the whole corpus once, which costs minutes on
 # a 2-core CPU; test_quality covers it.)
 TINY_TRAIN = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
-              "--init", "spread"]
+              "--answer-tokens", "24", "--init", "spread"]
 
 
 @pytest.fixture(autouse=True)

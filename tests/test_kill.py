@@ -18,7 +18,7 @@ from conftest import ASSETS, ROOT, run_cli
 from engine import pipeline, registry
 
 FLAGS = ["--tokens", "16", "--conversations", "8", "--steps", "6", "--chunk-tokens", "96", "--batch-size", "2",
-         "--init", "spread"]
+         "--answer-tokens", "24", "--init", "spread"]
 
 
 @pytest.fixture

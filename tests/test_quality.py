@@ -61,7 +61,7 @@ def test_chat_answers_end_cleanly_with_and_without_a_cartridge(cartridge_home, e
 
     assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
     flags = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
-             "--init", "spread"]
+             "--answer-tokens", "24", "--init", "spread"]
     assert run_cli("train", "sample", *flags, env_home=cartridge_home).returncode == 0
     tokenizer = load_tokenizer(None)
     for mode in ("none", "cartridge"):

@@ -71,7 +71,7 @@ def test_an_interrupted_incremental_run_resumes_its_own_plan(tmp_path, cartridge
     root = tmp_path / "notes"
     shutil.copytree(ASSETS / "sample", root)
     flags = ["--tokens", "16", "--conversations", "16", "--steps", "4", "--chunk-tokens", "96", "--batch-size", "2",
-             "--init", "spread"]
+             "--answer-tokens", "24", "--init", "spread"]
     assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
     assert run_cli("train", "notes", *flags, env_home=cartridge_home).returncode == 0
     changed = sorted(p.name for p in root.iterdir() if p.suffix == ".md")[0]

@@ -26,7 +26,7 @@ def running_app():
         yield demo, Client(url.rstrip("/"), verbose=False)
 
 
-def train_args(corpus, *, preset="quick", model="", resume=False, **settings):
+def train_args(corpus, *, preset="demo", model="", resume=False, **settings):
     s = {**TINY, **settings}
     return (corpus, "", preset, s["p"], s["conversations"], s["steps"], s["batch_size"], s["chunk_tokens"], None,
             model, "auto", resume)

@@ -28,7 +28,8 @@ QUIET = 1.0
 # A chunk teacher: conversations depend on their chunk's files only, so an edit keeps the others (incremental).
 TINY = dict(p=8, conversations=2, steps=1, batch_size=1, chunk_tokens=64, max_user_tokens=48, max_answer_tokens=8,
             teacher="chunk")
-TINY_FLAGS = ["--tokens", "8", "--conversations", "2", "--steps", "1", "--batch-size", "1", "--chunk-tokens", "64"]
+TINY_FLAGS = ["--tokens", "8", "--conversations", "2", "--steps", "1", "--batch-size", "1", "--chunk-tokens", "64",
+              "--answer-tokens", "24"]
 SAMPLE = (ROOT / "assets" / "sample" / "handbook.md").read_text(encoding="utf-8")
 
 
