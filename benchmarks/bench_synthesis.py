@@ -1,6 +1,6 @@
 """Self-study synthesis speed of the two backends (llama.cpp and transformers) on the same chunks.
 
-    python benchmarks/bench_synthesis.py [--conversations 24] [--chunk-tokens 512] [--json]
+    python benchmarks/bench_synthesis.py [--conversations 24] [--chunk-tokens 512] [--answer-tokens N] [--json]
 
 Chunks are drawn from the bundled sample corpus with the bundled seed prompts and the `quick` preset's
 turn lengths; the backends run one after the other (never both at once). Prints conversations per
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=24, help="conversations per backend (default 24)")
     parser.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens (default 512)")
+    parser.add_argument("--answer-tokens", type=int, help="longest answer (default: the quick preset's)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training import PRESETS
 
     cfg = PRESETS["quick"]
+    if args.answer_tokens:
+        cfg = cfg.replace(max_answer_tokens=args.answer_tokens)
     docs = [Document(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), p.read_text(encoding="utf-8"))
             for p in sorted((ROOT / "assets" / "sample").glob("*.md"))]
     # Extra chunks: a chunk whose user turn fails the filter twice is skipped.

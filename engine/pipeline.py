@@ -60,13 +60,14 @@ class TrainOutcome:
     heldout: dict | None = None  # the held-out score and its parts (see training.BestState.to_json)
     current: bool = True  # False when a newer version serves, or a watcher retrain scored clearly worse
     not_current: str | None = None  # why it was not made current
+    engines: dict | None = None  # what made the conversations and what trained (see `train`)
 
     def to_json(self) -> dict:
         return {"corpus": self.corpus, "version": self.version, "cartridge": self.cartridge, "tokens": self.tokens,
                 "conversations": self.conversations, "steps": self.steps, "loss_first": round(self.loss_first, 5),
                 "loss_last": round(self.loss_last, 5), "seconds": round(self.seconds, 1), "run_id": self.run_id,
                 "heldout": self.heldout["score"] if self.heldout else None, "heldout_detail": self.heldout,
-                "current": self.current, "not_current": self.not_current}
+                "current": self.current, "not_current": self.not_current, "engines": self.engines}
 
 
 def make_config(preset: str = "quick", **overrides) -> TrainConfig:
@@ -462,6 +463,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.add_metric(db, run_id, "synthesis", progress.done, data={"rate": progress.rate})
 
         warm_start = None
+        synthesized = None
         if plan.kind == "incremental":
             if previous is None or count_conversations(folder) < plan.reused:  # a new plan starts from its reuse
                 shutil.rmtree(folder, ignore_errors=True)
@@ -469,6 +471,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
                 _write_in_shards(folder, reused_conversations(db, corpus, plan.from_version, documents)[: plan.reused])
             warm_start = previous_cartridge(db, corpus, plan.from_version, lm)
         if plan.new or plan.kind == "full":
+            from engine.synthesis import synthesis_backend as resolve_backend
+
+            synthesized = resolve_backend(lm, synthesis_backend)
             synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, on_progress=on_synth,
                                should_stop=should_stop, target=plan.conversations,
                                only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
@@ -542,8 +547,12 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(run_dir(corpus, run_id), ignore_errors=True)
         report(Progress("done", 1, 1, message="ready" if worse is None else worse))
+        # What made this run's conversations (None: all were reused) and what trained the cartridge.
+        engines = {"synthesis": "llama.cpp" if synthesized == "llamacpp" else synthesized, "training": "torch",
+                   "device": lm.device.type, "processes": nproc}
         return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, len(conversations), result.steps,
-                            result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None, worse)
+                            result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None, worse,
+                            engines)
     except KeyboardInterrupt:
         _stopped(db, corpus, row, run_id, status="interrupted")
         raise

@@ -451,6 +451,21 @@ def _register_llamacpp() -> None:
     BACKENDS["llamacpp"] = llamacpp_backend
 
 
+def synthesis_backend(lm: LoadedModel, backend: str = "auto") -> str:
+    """The backend `synthesize` runs for `backend`: "auto" takes llama.cpp for the default model on a CPU."""
+    name = backend
+    if backend in ("auto", "llamacpp"):
+        _register_llamacpp()
+    if backend == "auto":
+        # llama.cpp runs the quantised GGUF itself: worth it for the default model on a CPU.
+        use_llamacpp = ("llamacpp" in BACKENDS and lm.device.type == "cpu" and lm.spec == "default"
+                        and importlib.util.find_spec("llama_cpp") is not None)
+        name = "llamacpp" if use_llamacpp else "torch"
+    if name not in BACKENDS:
+        raise UserError(f"unknown synthesis backend {backend!r}: use one of auto, {', '.join(sorted(BACKENDS))}")
+    return name
+
+
 def synthesize(
     lm: LoadedModel,
     chunks: Iterable,
@@ -477,16 +492,7 @@ def synthesize(
         # On CPU, decoding is bound by memory traffic (weights + the growing KV cache): beyond ~8 rows
         # the cache copies cost more than the batching saves. A GPU takes far more rows.
         batch_size = 8 if lm.device.type == "cpu" else 32
-    name = backend
-    if backend in ("auto", "llamacpp"):
-        _register_llamacpp()
-    if backend == "auto":
-        # llama.cpp runs the quantised GGUF itself: worth it for the default model on a CPU.
-        use_llamacpp = ("llamacpp" in BACKENDS and lm.device.type == "cpu" and lm.spec == "default"
-                        and importlib.util.find_spec("llama_cpp") is not None)
-        name = "llamacpp" if use_llamacpp else "torch"
-    if name not in BACKENDS:
-        raise UserError(f"unknown synthesis backend {backend!r}: use one of auto, {', '.join(sorted(BACKENDS))}")
+    name = synthesis_backend(lm, backend)
     return BACKENDS[name](lm, chunks, n, seeds=seeds, k=k, temperature=temperature, max_user_tokens=max_user_tokens,
                           max_answer_tokens=max_answer_tokens, batch_size=batch_size, on_progress=on_progress,
                           seed=seed)

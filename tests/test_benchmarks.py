@@ -31,7 +31,8 @@ def test_bench_modes(cartridge_home):
 
 
 def test_bench_synthesis(cartridge_home):
-    doc = run_benchmark("bench_synthesis.py", "--conversations", "2", "--chunk-tokens", "128", home=cartridge_home)
+    doc = run_benchmark("bench_synthesis.py", "--conversations", "2", "--chunk-tokens", "128", "--answer-tokens", "24",
+                        home=cartridge_home)
     assert set(doc["backends"]) == {"llamacpp", "torch"}
     for figures in doc["backends"].values():
         assert figures["conversations"] == 2 and figures["per_min"] > 0 and figures["mean_answer_tokens"] > 0

@@ -28,6 +28,7 @@ def test_train_chat_eval_and_refusals(trained, tmp_path, cartridge_home):
     assert doc["corpus"] == "sample" and doc["version"] == 1 and doc["tokens"] == 16
     assert doc["conversations"] == 4 and doc["steps"] == 2
     assert doc["loss_first"] > 0 and doc["loss_last"] > 0 and doc["seconds"] > 0
+    assert doc["engines"] == {"synthesis": "llama.cpp", "training": "torch", "device": "cpu", "processes": 1}
     folder = doc["cartridge"]
     meta = json.loads(open(os.path.join(folder, "cartridge.json")).read())
     assert meta["p"] == 16 and meta["version"] == 1 and meta["fingerprint"].startswith("SmolLM2")
@@ -145,7 +146,8 @@ def test_icl_and_none_modes(trained, cartridge_home):
 def test_kill_mid_training_then_resume(tmp_path, cartridge_home):
     assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
     env = {**os.environ, "CARTRIDGE_HOME": str(cartridge_home), "PYTHONPATH": str(ROOT)}
-    args = ["--tokens", "16", "--conversations", "4", "--steps", "40", "--chunk-tokens", "96", "--batch-size", "2"]
+    args = ["--tokens", "16", "--conversations", "4", "--steps", "40", "--chunk-tokens", "96", "--batch-size", "2",
+            "--answer-tokens", "24", "--init", "spread"]
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", "sample", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     db = registry.open_registry()
