@@ -135,10 +135,14 @@ def test_serving_follows_retrains_and_refuses_broken_cartridges(trained, tmp_pat
         assert proc.stderr.count("\n") == 1
 
 
-def test_icl_and_none_modes(trained, cartridge_home):
+def test_icl_and_none_modes(tmp_path, cartridge_home):
+    """Neither mode needs a cartridge: a folder that was only ingested answers in both."""
+    folder = tmp_path / "ferry"
+    write(folder, "times.md", "The ferry to the island leaves at nine from pier four.\n")
+    assert run_cli("ingest", str(folder), env_home=cartridge_home).returncode == 0
     for mode in ("icl", "none"):
-        proc = run_cli("chat", "sample", "--mode", mode, "--prompt", "Hi", "--max-tokens", "4", "--json",
-                       env_home=cartridge_home)
+        proc = run_cli("chat", "ferry", "--mode", mode, "--prompt", "When does the ferry leave?", "--max-tokens", "8",
+                       "--json", env_home=cartridge_home)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["mode"] == mode
 
