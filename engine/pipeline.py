@@ -82,6 +82,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--tokens must be at least 2")
     if cfg.conversations < 1 or (cfg.steps is not None and cfg.steps < 1):
         raise UserError("--conversations and --steps must be positive")
+    if cfg.max_answer_tokens < 1:
+        raise UserError("--answer-tokens must be positive")
     for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
                                  ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
         if value not in allowed:

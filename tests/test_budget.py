@@ -3,7 +3,10 @@ plan (with its cost) is stated before training starts."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.corpus import ChunkSampler, Document
+from engine.errors import UserError
 from engine.pipeline import Plan, make_config, plan_message
 
 
@@ -12,6 +15,9 @@ def test_conversations_scale_with_the_corpus_between_floor_and_cap():
     counts = [quick.conversations_for(tokens) for tokens in (500, 5_000, 10_000, 28_000, 2_000_000)]
     assert counts == [96, 96, 160, 256, 256]
     assert make_config("quick", conversations=40).conversations_for(28_000) == 40  # an explicit count stays
+    assert make_config("quick", max_answer_tokens=24).max_answer_tokens == 24  # train --answer-tokens
+    with pytest.raises(UserError, match="--answer-tokens must be positive"):
+        make_config("quick", max_answer_tokens=0)
     standard = make_config("standard")
     assert standard.conversations_for(2_000_000) == standard.max_conversations > standard.conversations_for(100_000)
 
