@@ -475,8 +475,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if plan.new or plan.kind == "full":
             from engine.synthesis import synthesis_backend as resolve_backend
 
-            synthesized = resolve_backend(lm, synthesis_backend)
-            synthesize_version(lm, sampler, folder, cfg, backend=synthesis_backend, on_progress=on_synth,
+            synthesized = resolve_backend(lm, synthesis_backend)  # resolved once: what the JSON names is what ran
+            synthesize_version(lm, sampler, folder, cfg, backend=synthesized, on_progress=on_synth,
                                should_stop=should_stop, target=plan.conversations,
                                only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
         if should_stop and should_stop():
