@@ -28,6 +28,7 @@ from engine.training import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
 MAX_SYNTHESIS_ROUNDS = 3
+SEEDS_DIR = Path(__file__).resolve().parent.parent / "assets" / "seeds"
 TEMPLATE_MARGIN = 320  # teacher prompt tokens beyond the corpus text: template, seed prompt, file headers
 WORSE_MARGIN = 0.05  # a watcher retrain whose held-out score is lower by more than this stays not current
 
@@ -88,6 +89,10 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
                                  ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+    if cfg.seed_mix:
+        from engine.synthesis import load_seed_prompts, mix_seeds
+
+        mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)  # a bad mix is refused before any work
     return cfg
 
 
@@ -160,9 +165,12 @@ def run_dir(corpus: dict, run_id: int) -> Path:
 
 def _synth_settings(cfg: TrainConfig, fingerprint: str, corpus: dict, row: dict) -> dict:
     """What the conversations of a version depend on: kept conversations must match all of it."""
-    return {"fingerprint": fingerprint, "chunk_tokens": cfg.chunk_tokens, "max_user_tokens": cfg.max_user_tokens,
-            "max_answer_tokens": cfg.max_answer_tokens, "seed": cfg.seed, "teacher": cfg.teacher,
-            "teacher_tokens": cfg.teacher_tokens, "corpus_uid": corpus["uid"], "manifest_hash": row["manifest_hash"]}
+    settings = {"fingerprint": fingerprint, "chunk_tokens": cfg.chunk_tokens, "max_user_tokens": cfg.max_user_tokens,
+                "max_answer_tokens": cfg.max_answer_tokens, "seed": cfg.seed, "teacher": cfg.teacher,
+                "teacher_tokens": cfg.teacher_tokens, "corpus_uid": corpus["uid"], "manifest_hash": row["manifest_hash"]}
+    if cfg.seed_mix:  # absent when uniform, so conversations saved before the setting existed still match
+        settings["seed_mix"] = cfg.seed_mix
+    return settings
 
 
 def teacher_budget(cfg: TrainConfig, max_positions: int) -> int:
@@ -189,10 +197,10 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
                        on_progress: Callable[[Progress], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> int:
     """Make self-study conversations until `folder` holds `target`; returns how many it holds."""
-    from engine.synthesis import load_seed_prompts, synthesize
+    from engine.synthesis import load_seed_prompts, mix_seeds, synthesize
 
     target = cfg.conversations if target is None else target
-    seeds = load_seed_prompts(Path(__file__).resolve().parent.parent / "assets" / "seeds")
+    seeds = mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)
     began, made = time.perf_counter(), 0
     # Self-study drops user turns that fail its filters, so a round can come back short: draw fresh
     # chunks for what is missing, a few rounds at most. A round's chunk list and each conversation's random

@@ -111,6 +111,39 @@ def slot_random(seed: int, chunk, index: int) -> tuple[random.Random, np.random.
     return random.Random(f"{seed}/{slot[0]}/{slot[1]}"), np.random.default_rng([seed, slot[0], slot[1]])
 
 
+class SeedPrompts(dict):
+    """Seed prompts per type, and optionally how often each type is drawn (`weights`; None: uniformly)."""
+
+    weights: dict[str, float] | None = None
+
+
+def parse_seed_mix(mix: str) -> dict[str, float]:
+    """`"question:4,recall:2"` -> weights per seed type; types left out of a mix are not drawn."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in mix.split(","))):
+        name, _, value = part.partition(":")
+        try:
+            weights[name.strip()] = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise UserError(f"bad seed mix entry {part!r}: use type:weight, e.g. question:4") from None
+    if weights and (any(w < 0 for w in weights.values()) or not any(weights.values())):
+        raise UserError(f"seed mix {mix!r} needs weights >= 0, at least one above 0")
+    return weights
+
+
+def mix_seeds(seeds: dict[str, list[str]], mix: str) -> SeedPrompts:
+    """`seeds` drawn by the weights of `mix` (see `parse_seed_mix`); an empty mix draws types uniformly."""
+    mixed = SeedPrompts(seeds)
+    weights = parse_seed_mix(mix)
+    if weights:
+        unknown = set(weights) - set(seeds)
+        if unknown:
+            raise UserError(f"seed mix names unknown seed type(s) {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(sorted(seeds))})")
+        mixed.weights = weights
+    return mixed
+
+
 def load_seed_prompts(assets_dir: Path) -> dict[str, list[str]]:
     """Seed prompts per type from `<assets_dir>/*.txt` (prompts separated by lines that are exactly `---`)."""
     folder = Path(assets_dir)
@@ -347,7 +380,12 @@ def _suffix(lm: LoadedModel, job: _Job, user_content: str) -> list[int] | None:
 
 
 def draw_seed(seeds: dict[str, list[str]], rng: random.Random, avoid: str = "") -> tuple[str, str]:
-    seed_type = rng.choice(sorted(seeds))
+    types = sorted(seeds)
+    weights = getattr(seeds, "weights", None)
+    if weights:
+        seed_type = rng.choices(types, [weights.get(t, 0.0) for t in types])[0]
+    else:
+        seed_type = rng.choice(types)
     options = [s for s in seeds[seed_type] if s != avoid] or seeds[seed_type]
     return seed_type, rng.choice(options)
 

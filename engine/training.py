@@ -48,6 +48,7 @@ class TrainConfig:
     max_tokens: int = 1024  # cap on one conversation's student tokens (prompt + answer)
     max_answer_tokens: int = 192  # synthesis: answer length cap
     max_user_tokens: int = 96  # synthesis: user message length cap
+    seed_mix: str = ""  # synthesis: how often each seed type is drawn, e.g. "question:4,recall:2" ("": uniformly)
     # "chunk": the teacher answers from the sampled chunk; "corpus": from the whole corpus (a window around
     # the chunk when too long). Measured on the sample with quick: chunk 47.0% of icl's NLL gain, corpus 43.6%.
     teacher: str = "chunk"

@@ -17,6 +17,7 @@ from engine.synthesis import (
     _fork,
     _prefill,
     chunk_features,
+    draw_seed,
     chunk_system_prompt,
     clean_user_message,
     fill_seed,
@@ -24,6 +25,7 @@ from engine.synthesis import (
     is_direct,
     load_seed_prompts,
     loop_start,
+    mix_seeds,
     salvage_truncated,
     synthesize,
 )
@@ -64,6 +66,24 @@ def test_bundled_seed_prompts_cover_all_types():
     seeds = load_seed_prompts(ASSETS / "seeds")
     assert set(synthesis.SEED_TYPES) <= set(seeds)
     assert all(all("---" not in p for p in prompts) for prompts in seeds.values())
+
+
+def test_a_seed_mix_draws_types_by_its_weights():
+    import random
+    from collections import Counter
+
+    seeds = load_seed_prompts(ASSETS / "seeds")
+    rng = random.Random(0)
+    drawn = Counter(draw_seed(mix_seeds(seeds, "question:3, recall:1, creative:0"), rng)[0] for _ in range(2000))
+    assert set(drawn) == {"question", "recall"}  # left out or weighted 0: never drawn
+    assert 2.5 < drawn["question"] / drawn["recall"] < 3.5
+    uniform = mix_seeds(seeds, "")
+    assert uniform.weights is None and uniform == seeds
+    # An empty mix draws exactly as the plain seed prompts do.
+    assert [draw_seed(uniform, random.Random(5)) for _ in range(3)] == [draw_seed(seeds, random.Random(5)) for _ in range(3)]
+    for bad in ("question:x", "poems:2", "question:0", "question:-1"):
+        with pytest.raises(UserError):
+            mix_seeds(seeds, bad)
 
 
 @pytest.mark.parametrize("message,finished,bad", [
