@@ -27,7 +27,7 @@ def _when(ts) -> str:
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_ingest(args) -> None:
-    from engine.ingest import ScanOptions, ingest
+    from engine.corpus.ingest import ScanOptions, ingest
 
     options = None
     if args.max_file_bytes or args.max_total_bytes or args.allow_secrets:
@@ -49,7 +49,7 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_list(args) -> None:
-    from engine import registry
+    from engine.store import registry
 
     db = registry.open_registry()
     corpora = []
@@ -74,7 +74,7 @@ def cmd_list(args) -> None:
 
 
 def cmd_versions(args) -> None:
-    from engine import registry
+    from engine.store import registry
 
     db = registry.open_registry()
     corpus = registry.get_corpus(db, args.corpus)
@@ -142,7 +142,8 @@ class _Bars:
 
 
 def cmd_train(args) -> None:
-    from engine import pipeline, registry
+    from engine.training import pipeline
+    from engine.store import registry
 
     db = registry.open_registry()
     bars = _Bars(sys.stderr.isatty())
@@ -173,7 +174,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from engine import inference, registry
+    from engine.serve import inference
+    from engine.store import registry
 
     db = registry.open_registry()
     chat = inference.open_chat(db, args.corpus, version=args.version, mode=args.mode, model=args.model,
@@ -209,14 +211,15 @@ def cmd_chat(args) -> None:
 
 def _print_sources(reply) -> None:
     if reply.mode in ("rag", "cartridge+rag"):
-        from engine.retrieval import source_label
+        from engine.corpus.retrieval import source_label
 
         used = ", ".join(source_label(s) for s in reply.sources) or "none found"
         print(f"[sources: {used}]", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
-    from engine import evaluate, registry
+    from engine.serve import evaluate
+    from engine.store import registry
 
     db = registry.open_registry()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -239,8 +242,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_remove(args) -> None:
-    from engine import registry
-    from engine.pipeline import remove_corpus
+    from engine.store import registry
+    from engine.training.pipeline import remove_corpus
 
     db = registry.open_registry()
     removed = remove_corpus(db, args.corpus)
@@ -252,8 +255,8 @@ def cmd_remove(args) -> None:
 
 
 def cmd_watch(args) -> None:
-    from engine import registry
-    from engine.watcher import set_watch
+    from engine.store import registry
+    from engine.jobs.watcher import set_watch
 
     db = registry.open_registry()
     for name in args.corpus:
@@ -270,9 +273,9 @@ def cmd_watch(args) -> None:
     if not args.corpus and not any(c["watch"] for c in registry.list_corpora(db)):
         raise UserError("no corpus has watch switched on: run `cartridge watch CORPUS` to watch one")
 
-    from engine.jobs import TrainingQueue
-    from engine.pipeline import make_config
-    from engine.watcher import start_watchers
+    from engine.jobs.queue import TrainingQueue
+    from engine.training.pipeline import make_config
+    from engine.jobs.watcher import start_watchers
 
     overrides = {"p": args.tokens, "conversations": args.conversations, "steps": args.steps,
                  "batch_size": args.batch_size, "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens}

@@ -46,7 +46,7 @@ class Context:
 
     def __init__(self, queue, watcher=None):
         self.queue = queue
-        self.watcher = watcher  # engine.watcher.WatchService, or None when folder watch is off
+        self.watcher = watcher  # engine.jobs.watcher.WatchService, or None when folder watch is off
         self.backends = ui_chat.ChatBackends()
 
     def forget_corpus(self, name: str) -> None:
@@ -56,8 +56,8 @@ class Context:
 def build_app(queue=None, *, watch: bool = True) -> gr.Blocks:
     """The whole UI. `queue` is the engine's TrainingQueue (a new one when None); with `watch`, the corpora
     whose watch switch is on are watched and retrained when their folders change."""
-    from engine import pipeline
-    from engine.jobs import TrainingQueue
+    from engine.training import pipeline
+    from engine.jobs.queue import TrainingQueue
     from app.ui_common import open_db
 
     with open_db() as db:  # creates the registry first; runs left 'running' by a dead process become interrupted
@@ -66,7 +66,7 @@ def build_app(queue=None, *, watch: bool = True) -> gr.Blocks:
         queue = TrainingQueue()
     watcher = None
     if watch:
-        from engine.watcher import start_watchers
+        from engine.jobs.watcher import start_watchers
 
         watcher = start_watchers(queue)
     ctx = Context(queue, watcher)

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.ui_common import corpus_names, guarded, keep, open_db, parse_version, version_choices, when
-from engine import library, registry
+from engine.store import library, registry
 from engine.errors import UserError
 
 MODES = [("Cartridge", "cartridge"), ("Cartridge + retrieved passages", "cartridge+rag"),
@@ -60,7 +60,7 @@ def cartridge_card(names: list[str], version: int | None) -> str:
     the files it covers."""
     if not names:
         return "*Pick a corpus to chat with.*"
-    from engine.inference import resolve
+    from engine.serve.inference import resolve
 
     lines = []
     with open_db() as db:
@@ -92,8 +92,8 @@ class ChatBackends:
         self.generate_lock = threading.Lock()  # one generation at a time: they share the model
 
     def get(self, corpora: list[str], version: int | None, mode: str):
-        from engine import inference
-        from engine.cartridge import content_key
+        from engine.serve import inference
+        from engine.cartridge.format import content_key
 
         with open_db() as db:
             target = inference.resolve(db, corpora, version=version, mode=mode)

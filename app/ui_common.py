@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from engine import library, registry
+from engine.store import library, registry
 from engine.errors import UserError
 
 

@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.ui_common import corpus_dropdown, guarded, open_db, parse_version, version_choices
-from engine import library
+from engine.store import library
 from engine.errors import UserError
 
 SAMPLE_QA = Path(__file__).resolve().parent.parent / "assets" / "sample_qa.jsonl"
@@ -86,7 +86,7 @@ def build(ctx) -> dict:
 
     @guarded
     def do_eval(name, version_value, qa_path, chosen, progress=gr.Progress()):
-        from engine import evaluate
+        from engine.serve import evaluate
 
         if not name:
             raise UserError("pick a corpus to evaluate")

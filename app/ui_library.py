@@ -10,9 +10,10 @@ import gradio as gr
 
 from app import folder_picker
 from app.ui_common import corpus_dropdown, guarded, number, open_db, version_choices, warn, when
-from engine import library, pipeline, registry
+from engine.store import library, registry
+from engine.training import pipeline
 from engine.errors import UserError
-from engine.ingest import ingest
+from engine.corpus.ingest import ingest
 
 SAMPLE_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "sample"
 PREVIEW_IGNORE = "*/.git"  # the explorer is a preview; the scan applies the real rules

@@ -9,10 +9,10 @@ import gradio as gr
 import pandas as pd
 
 from app.ui_common import corpus_dropdown, duration, guarded, open_db, parse_version, version_choices, when
-from engine import library, registry
+from engine.store import library, registry
 from engine.errors import UserError
-from engine.pipeline import make_config
-from engine.training import PRESETS
+from engine.training.pipeline import make_config
+from engine.training.distill import PRESETS
 
 PHASES = [("load", "Load model"), ("synthesis", "Self-study"), ("training", "Training"), ("save", "Save")]
 PRESET_HELP = {"demo": "CPU, about 2 minutes, to see the whole loop", "quick": "CPU, minutes",

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CARTRIDGE_HOME"] = args.home or tempfile.mkdtemp(prefix="bench-bigfolder-")
 
     from bench_quality import parse_setting
-    from engine import pipeline, registry
-    from engine.evaluate import evaluate
-    from engine.ingest import ingest
+    from engine.training import pipeline
+    from engine.store import registry
+    from engine.serve.evaluate import evaluate
+    from engine.corpus.ingest import ingest
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     _, overrides = parse_setting(f"run: {args.setting}")
     db = registry.open_registry()

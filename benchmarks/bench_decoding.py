@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from engine import registry
-    from engine.decoding import Decoding
-    from engine.evaluate import EVAL_DECODING, evaluate
+    from engine.store import registry
+    from engine.engines.decoding import Decoding
+    from engine.serve.evaluate import EVAL_DECODING, evaluate
 
     db = registry.open_registry()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

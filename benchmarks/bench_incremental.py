@@ -63,7 +63,7 @@ def make_folder(root: Path) -> list[Path]:
 
 
 def run_figures(db, outcome, began: float) -> dict:
-    from engine import registry
+    from engine.store import registry
 
     run = registry.get_run(db, outcome.run_id)
     config = json.loads(run["config"])
@@ -95,9 +95,10 @@ def main() -> None:
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     os.environ["CARTRIDGE_HOME"] = str(home / "home")
 
-    from engine import pipeline, registry
-    from engine.ingest import ingest
-    from engine.models import load_model
+    from engine.training import pipeline
+    from engine.store import registry
+    from engine.corpus.ingest import ingest
+    from engine.engines.models import load_model
 
     settings = dict(preset="quick", p=args.tokens, conversations=args.conversations, batch_size=args.batch_size,
                     chunk_tokens=args.chunk_tokens, max_answer_tokens=args.max_answer_tokens, device=args.device,

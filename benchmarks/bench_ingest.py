@@ -21,9 +21,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CARTRIDGE_HOME"] = str(Path(tmp) / "home")
-        from engine.ingest import ingest
-        from engine.registry import open_registry
-        from engine.tokenizer import token_counter
+        from engine.corpus.ingest import ingest
+        from engine.store.registry import open_registry
+        from engine.engines.tokenizer import token_counter
 
         token_counter()  # the tokenizer conversion is a one-time cost, not part of a scan
         root = Path(tmp) / "notes"

@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["CARTRIDGE_HOME"] = tempfile.mkdtemp(prefix="bench-init-")
 
-    from engine import registry
-    from engine.cartridge import init_embeddings
-    from engine.corpus import ChunkSampler, assemble, version_documents
-    from engine.decoding import contains_all
-    from engine.evaluate import EVAL_DECODING, LlamaCppScorer, read_qa
-    from engine.ingest import ingest
-    from engine.llamacpp import LlamaCppEngine
-    from engine.models import context_system_prompt, load_model
+    from engine.store import registry
+    from engine.cartridge.format import init_embeddings
+    from engine.corpus.chunks import ChunkSampler, assemble, version_documents
+    from engine.engines.decoding import contains_all
+    from engine.serve.evaluate import EVAL_DECODING, LlamaCppScorer, read_qa
+    from engine.corpus.ingest import ingest
+    from engine.engines.llamacpp import LlamaCppEngine
+    from engine.engines.models import context_system_prompt, load_model
 
     db = registry.open_registry()
     version = ingest(args.folder, db=db).version

@@ -42,7 +42,7 @@ def torch_cartridge(lm, p: int):
     """The KV of the first p init tokens as a [p, width] cartridge tensor (PEFT layout)."""
     import torch
 
-    from engine.cartridge import init_ids
+    from engine.cartridge.format import init_ids
 
     ids = init_ids(lm, p, sample_text())
     with torch.no_grad():
@@ -55,7 +55,7 @@ def torch_cartridge(lm, p: int):
 
 
 def bench_torch(lm, embeddings, prompt, new_tokens: int) -> dict:
-    from engine.cartridge import generate
+    from engine.cartridge.format import generate
 
     marks: list[float] = []
     start = time.perf_counter()
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.llamacpp import LlamaCppEngine, template_prefix_ids
-    from engine.models import chat_ids, load_model
+    from engine.engines.llamacpp import LlamaCppEngine, template_prefix_ids
+    from engine.engines.models import chat_ids, load_model
 
     lm = load_model()
     embeddings = torch_cartridge(lm, args.p)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     llama_rows = [bench_llama(engine, embeddings, prompt, args.new_tokens) for _ in range(args.repeats)]
     warm_rows = [bench_llama(engine, embeddings, prompt, 2, warm_ids=head) for _ in range(args.repeats)]
     # The same engine as chat runs it, in its worker process, against this process's engine, streamed.
-    from engine.llamacpp_worker import LlamaCppProcess
+    from engine.engines.llamacpp_worker import LlamaCppProcess
 
     worker = LlamaCppProcess(n_ctx=engine.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch)
     stream_rows, worker_rows = [], []

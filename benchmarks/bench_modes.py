@@ -31,7 +31,7 @@ MODES = ("none", "icl", "cartridge")
 
 
 def run_mode(db, corpus: str, mode: str, engine: str | None, new_tokens: int, repeats: int, lm=None) -> dict:
-    from engine.inference import TorchChat, open_chat, resolve
+    from engine.serve.inference import TorchChat, open_chat, resolve
 
     def fresh_chat():
         if lm is not None:  # torch: one model for every chat
@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
 
-    from engine import registry
-    from engine.inference import choose_engine, resolve
+    from engine.store import registry
+    from engine.serve.inference import choose_engine, resolve
 
     db = registry.open_registry()
     target = resolve(db, [args.corpus], mode="cartridge")
     engine = choose_engine(args.engine, target.model_spec)
     lm = None
     if engine == "torch":
-        from engine.models import load_model
+        from engine.engines.models import load_model
 
         lm = load_model(target.model_spec)
     modes = {mode: run_mode(db, args.corpus, mode, engine, args.new_tokens, args.repeats, lm) for mode in MODES}

@@ -37,7 +37,7 @@ quiet_third_party()  # library deprecation notices stay out of the figures
 def parse_setting(text: str) -> tuple[str, dict]:
     """`NAME: key=value ...` -> (NAME, {key: typed value}), typed from the training configuration."""
     from engine.errors import UserError
-    from engine.training import TrainConfig
+    from engine.training.distill import TrainConfig
 
     name, _, rest = text.partition(":")
     kinds = {f.name: f.type for f in fields(TrainConfig)}
@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["CARTRIDGE_HOME"] = args.home or tempfile.mkdtemp(prefix="bench-quality-")
 
-    from engine import pipeline, registry
-    from engine.evaluate import evaluate
-    from engine.ingest import ingest
+    from engine.training import pipeline
+    from engine.store import registry
+    from engine.serve.evaluate import evaluate
+    from engine.corpus.ingest import ingest
 
     settings = [parse_setting(s) for s in args.setting] or [("preset", {})]
     db = registry.open_registry()

@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         os.environ["CARTRIDGE_HOME"] = str(Path(tmp) / "home")
-        from engine import registry
-        from engine.cartridge import corpus_init_text
-        from engine.corpus import ChunkSampler, version_documents
-        from engine.ingest import ingest
-        from engine.pipeline import make_config
-        from engine.tokenizer import token_counter
+        from engine.store import registry
+        from engine.cartridge.format import corpus_init_text
+        from engine.corpus.chunks import ChunkSampler, version_documents
+        from engine.corpus.ingest import ingest
+        from engine.training.pipeline import make_config
+        from engine.engines.tokenizer import token_counter
 
         token_counter()  # converting the tokenizer is a one-time cost, not part of a scan
         phases, root = [], Path(tmp) / "folder"

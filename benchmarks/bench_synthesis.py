@@ -28,7 +28,7 @@ quiet_third_party()  # library deprecation notices stay out of the figures
 
 
 def run_backend(lm, chunks, n: int, backend: str, seeds: dict, cfg) -> dict:
-    from engine.synthesis import synthesize
+    from engine.selfstudy.synthesis import synthesize
 
     start = time.perf_counter()
     convs = list(synthesize(lm, chunks, n, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
@@ -43,7 +43,7 @@ def run_backend(lm, chunks, n: int, backend: str, seeds: dict, cfg) -> dict:
 
 def _templated(conversation, seeds: dict) -> bool:
     """Whether the user turn was a filled message template rather than written by the model."""
-    from engine.synthesis import PLACEHOLDER, is_direct
+    from engine.selfstudy.synthesis import PLACEHOLDER, is_direct
 
     for seed in seeds.get(conversation.seed_type, []):
         if is_direct(seed):
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
 
-    from engine.corpus import ChunkSampler, Document
-    from engine.models import load_model
-    from engine.synthesis import load_seed_prompts
-    from engine.training import PRESETS
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.engines.models import load_model
+    from engine.selfstudy.synthesis import load_seed_prompts
+    from engine.training.distill import PRESETS
 
     cfg = PRESETS["quick"]
     if args.answer_tokens:

@@ -25,7 +25,7 @@ def cartridge_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def db(cartridge_home):
-    from engine.registry import open_registry
+    from engine.store.registry import open_registry
 
     return open_registry()
 

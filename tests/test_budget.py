@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.corpus import ChunkSampler, Document
+from engine.corpus.chunks import ChunkSampler, Document
 from engine.errors import UserError
-from engine.pipeline import Plan, make_config, plan_message
+from engine.training.pipeline import Plan, make_config, plan_message
 
 
 def test_conversations_scale_with_the_corpus_between_floor_and_cap():
@@ -55,9 +55,9 @@ def test_p_grows_with_the_corpus_and_keeps_the_kv_small():
 
 
 def test_an_incremental_retrain_keeps_a_nearby_p(db, tmp_path):
-    from engine import registry
-    from engine.ingest import ingest
-    from engine.pipeline import choose_p
+    from engine.store import registry
+    from engine.corpus.ingest import ingest
+    from engine.training.pipeline import choose_p
 
     folder = tmp_path / "notes"
     folder.mkdir()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from engine.cartridge import (
+from engine.cartridge.format import (
     ADAPTER_WEIGHTS,
     METADATA,
     Cartridge,
@@ -24,7 +24,7 @@ from engine.cartridge import (
     to_cache,
 )
 from engine.errors import CartridgeMismatch
-from engine.models import chat_ids
+from engine.engines.models import chat_ids
 from tests.tiny_model import shared_tiny_lm, tiny_lm
 
 TEXT = (
@@ -66,7 +66,7 @@ def test_init_matches_text_in_context():
     # The cache path used for chat gives the same result as the PEFT forward used in training.
     torch.testing.assert_close(_logits_with_cache(lm, cartridge_embeddings(peft_model), q), ref, atol=1e-4, rtol=1e-4)
     # The eval's `init` mode rebuilds exactly this untrained cartridge from the same ids.
-    from engine.cartridge import prefix_embeddings
+    from engine.cartridge.format import prefix_embeddings
 
     torch.testing.assert_close(prefix_embeddings(lm, init_ids(lm, p, TEXT * 3)), cartridge_embeddings(peft_model),
                                atol=1e-5, rtol=1e-5)
@@ -200,7 +200,7 @@ def test_two_cartridge_models_share_a_base_without_interference():
 
 def test_default_model_init_matches_in_context():
     """The real default model: a p=16 cartridge from a text equals those 16 tokens in context."""
-    from engine.models import load_model
+    from engine.engines.models import load_model
 
     lm = load_model(None, "cpu")
     p = 16
@@ -230,7 +230,7 @@ def _save_tiny_hf(folder, *, chat_template=True, **config_overrides):
 
 
 def test_load_hf_folder_and_fingerprint(tmp_path):
-    from engine.models import load_model
+    from engine.engines.models import load_model
 
     folder = _save_tiny_hf(tmp_path / "tiny-hf")
     lm = load_model(str(folder), "cpu")
@@ -241,7 +241,7 @@ def test_load_hf_folder_and_fingerprint(tmp_path):
     moved = tmp_path / "elsewhere" / "tiny-hf"
     moved.parent.mkdir()
     folder.rename(moved)
-    from engine.models import hf_fingerprint
+    from engine.engines.models import hf_fingerprint
 
     assert hf_fingerprint(str(moved)) == lm.fingerprint
 
@@ -252,7 +252,7 @@ def test_load_hf_folder_and_fingerprint(tmp_path):
 ])
 def test_unsupported_hf_models_are_refused(tmp_path, overrides, chat_template, message):
     from engine.errors import UserError
-    from engine.models import load_model
+    from engine.engines.models import load_model
 
     folder = _save_tiny_hf(tmp_path / "bad", chat_template=chat_template, **overrides)
     with pytest.raises(UserError, match=message):

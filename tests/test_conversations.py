@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.conversations import Conversation, count_conversations, read_conversations, shard_paths, write_shard
+from engine.selfstudy.conversations import Conversation, count_conversations, read_conversations, shard_paths, write_shard
 from engine.errors import UserError
 
 

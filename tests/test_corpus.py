@@ -1,8 +1,8 @@
 """Corpus text assembly and the chunk sampler."""
 
 from conftest import write
-from engine.corpus import ChunkSampler, assemble, version_documents
-from engine.ingest import ingest
+from engine.corpus.chunks import ChunkSampler, assemble, version_documents
+from engine.corpus.ingest import ingest
 
 
 def make_corpus(tmp_path, db):

@@ -7,8 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ASSETS, run_cli, write
-from engine import pipeline, registry
-from engine.cartridge import WEIGHT_KEY
+from engine.training import pipeline
+from engine.store import registry
+from engine.cartridge.format import WEIGHT_KEY
 
 # Real self-study of 12 conversations (2 held out), then 6 steps of 4 conversations.
 SETTINGS = dict(p=16, conversations=12, steps=6, batch_size=4, chunk_tokens=96, max_user_tokens=32,
@@ -31,7 +32,7 @@ def weights(outcome) -> object:
 def test_two_processes_stopped_and_resumed_train_what_one_process_trains(tmp_path, db):
     root = tmp_path / "notes"
     write(root, "handbook.md", (ASSETS / "sample" / "handbook.md").read_text())
-    from engine.ingest import ingest
+    from engine.corpus.ingest import ingest
 
     ingest(root, db=db)
     seen = {"steps": 0}

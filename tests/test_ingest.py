@@ -6,9 +6,9 @@ import time
 import pytest
 
 from conftest import write
-from engine import registry
+from engine.store import registry
 from engine.errors import UserError
-from engine.ingest import ScanOptions, ingest
+from engine.corpus.ingest import ScanOptions, ingest
 
 
 def statuses(result):
@@ -167,7 +167,7 @@ def test_unchanged_mtime_and_size_skip_hashing(folder, db):
 
 
 def test_tokens_are_counted_with_the_model_tokenizer(folder, db):
-    from engine.tokenizer import load_tokenizer
+    from engine.engines.tokenizer import load_tokenizer
 
     result = ingest(folder, db=db)
     readme = next(f for f in result.files if f.path == "README.md")

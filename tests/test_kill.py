@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import ASSETS, ROOT, run_cli
-from engine import pipeline, registry
+from engine.training import pipeline
+from engine.store import registry
 
 FLAGS = ["--tokens", "16", "--conversations", "8", "--steps", "6", "--chunk-tokens", "96", "--batch-size", "2",
          "--answer-tokens", "24", "--init", "spread"]

@@ -4,8 +4,8 @@ import json
 
 from conftest import write
 
-from engine import library, registry
-from engine.ingest import ingest
+from engine.store import library, registry
+from engine.corpus.ingest import ingest
 
 
 def _fake_cartridge(folder, p=8, size=4096):

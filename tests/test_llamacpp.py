@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cartridge import compose, Cartridge, init_ids, to_cache
+from engine.cartridge.format import compose, Cartridge, init_ids, to_cache
 from engine.errors import CartridgeMismatch, UserError
-from engine.llamacpp import (
+from engine.engines.llamacpp import (
     KVLayout,
     LayoutUnsupported,
     LlamaCppEngine,
@@ -29,7 +29,7 @@ from engine.llamacpp import (
     template_prefix_ids,
     topk_logprobs,
 )
-from engine.models import chat_ids
+from engine.engines.models import chat_ids
 from tests.conftest import ASSETS
 
 P = 48
@@ -37,7 +37,7 @@ P = 48
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from engine.models import load_model
+    from engine.engines.models import load_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CARTRIDGE_HOME", str(tmp_path_factory.mktemp("home")))
@@ -68,7 +68,7 @@ def torch_kv(lm, ids: list[int]) -> torch.Tensor:
 
 
 def torch_logits(lm, embeddings: torch.Tensor, ids: list[int]) -> np.ndarray:
-    """Torch logits for every position of `ids` after the cartridge (fp32, the engine.cartridge cache path)."""
+    """Torch logits for every position of `ids` after the cartridge (fp32, the engine.cartridge.format cache path)."""
     p = embeddings.shape[0]
     with torch.no_grad():
         mask = torch.ones(1, p + len(ids), dtype=torch.long)
@@ -218,7 +218,7 @@ def test_wrong_layouts_are_refused(lm, engine, texts, monkeypatch):
 
 
 def test_thread_governor_falls_back_and_retries():
-    from engine.llamacpp import ThreadGovernor
+    from engine.engines.llamacpp import ThreadGovernor
 
     gov = ThreadGovernor(slow_factor=6.0, single_margin=1.25, min_slow_s=0.05, hold_s=15.0, max_hold_s=60.0)
     assert gov.choose(44, now=0.0)
@@ -245,9 +245,9 @@ def test_topk_logprobs():
 
 
 def test_llamacpp_synthesis(lm, monkeypatch):
-    from engine import synthesis
-    from engine.corpus import Chunk
-    from engine.synthesis import loop_start
+    from engine.selfstudy import synthesis
+    from engine.corpus.chunks import Chunk
+    from engine.selfstudy.synthesis import loop_start
 
     def no_torch(*args, **kwargs):
         raise AssertionError("the llama.cpp backend fell back to torch")
@@ -278,10 +278,10 @@ def test_llamacpp_runs_in_a_worker_process_and_a_crash_there_is_a_clear_error(tm
     import os
     import signal
 
-    from engine import registry
-    from engine.inference import open_chat
-    from engine.ingest import ingest
-    from engine.llamacpp_worker import LlamaCppCrashed
+    from engine.store import registry
+    from engine.serve.inference import open_chat
+    from engine.corpus.ingest import ingest
+    from engine.engines.llamacpp_worker import LlamaCppCrashed
 
     monkeypatch.setenv("CARTRIDGE_HOME", str(tmp_path / "home"))
     db = registry.open_registry()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ASSETS, ROOT, TINY_TRAIN, run_cli, write
-from engine import registry
+from engine.store import registry
 
 
 @pytest.fixture
@@ -86,8 +86,8 @@ def test_composed_chat_over_two_corpora(trained, tmp_path, cartridge_home):
     reply = json.loads(proc.stdout)
     assert len(reply["cartridges"]) == 2
     # Composed length: 16 + 16 - 1 tokens (one sink kept); KV covers it plus the prompt.
-    from engine.cartridge import kv_width
-    from engine.models import load_model
+    from engine.cartridge.format import kv_width
+    from engine.engines.models import load_model
     assert reply["kv_bytes"] >= 31 * kv_width(load_model()) * 2
 
 
@@ -166,7 +166,7 @@ def test_kill_mid_training_then_resume(tmp_path, cartridge_home):
     proc.wait()
 
     # Nothing was current before, so nothing is now; the next start marks the run interrupted.
-    from engine.pipeline import recover_interrupted
+    from engine.training.pipeline import recover_interrupted
     corpus = registry.get_corpus(db, "sample")
     assert corpus["current_version"] is None
     assert len(recover_interrupted(db)) == 1

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ASSETS, run_cli, write
-from engine.cartridge import cartridge_embeddings, create_cartridge_model
-from engine.decoding import LoopGuard, contains_all, loop_start, stop_ids
-from engine.training import HeldOut, TrainConfig, distill, split_heldout
+from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
+from engine.engines.decoding import LoopGuard, contains_all, loop_start, stop_ids
+from engine.training.distill import HeldOut, TrainConfig, distill, split_heldout
 from tests.test_training import CORPUS, teacher_conversations
 from tests.tiny_model import shared_tiny_lm, tiny_lm
 
@@ -41,9 +41,9 @@ LOOP_PROMPT = "Where is the dinghy moored?"  # the bundled model answers this wi
 
 
 def test_the_bundled_model_loops_on_the_test_prompt_without_the_guard():
-    from engine.llamacpp import LlamaCppEngine
-    from engine.models import chat_ids
-    from engine.tokenizer import load_tokenizer
+    from engine.engines.llamacpp import LlamaCppEngine
+    from engine.engines.models import chat_ids
+    from engine.engines.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     with LlamaCppEngine(n_ctx=1024) as llama:
@@ -57,7 +57,7 @@ def test_the_bundled_model_loops_on_the_test_prompt_without_the_guard():
 
 @pytest.mark.parametrize("engine", ["llama.cpp", "torch"])
 def test_chat_answers_end_cleanly_with_and_without_a_cartridge(cartridge_home, engine):
-    from engine.tokenizer import load_tokenizer
+    from engine.engines.tokenizer import load_tokenizer
 
     assert run_cli("ingest", str(ASSETS / "sample"), env_home=cartridge_home).returncode == 0
     flags = ["--tokens", "16", "--conversations", "4", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
@@ -158,9 +158,9 @@ def test_train_reports_and_stores_the_heldout_score(tmp_path, cartridge_home):
 # -- the corpus-wide teacher ------------------------------------------------------------------------
 
 def test_teacher_sees_the_whole_corpus_or_a_window_around_the_chunk():
-    from engine.corpus import ChunkSampler, Document
-    from engine.models import context_system_prompt
-    from engine.synthesis import chunk_system_prompt
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.engines.models import context_system_prompt
+    from engine.selfstudy.synthesis import chunk_system_prompt
 
     docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(300)))
             for i in range(6)]
@@ -181,7 +181,7 @@ def test_teacher_sees_the_whole_corpus_or_a_window_around_the_chunk():
 
 
 def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
-    from engine.training import lr_factor
+    from engine.training.distill import lr_factor
 
     cfg = TrainConfig(lr_schedule="cosine", warmup=0.1)
     factors = [lr_factor(cfg, step, 100) for step in range(100)]
@@ -192,8 +192,8 @@ def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_spread_initialisation_draws_from_across_the_corpus():
-    from engine.cartridge import corpus_init_text
-    from engine.corpus import ChunkSampler, Document
+    from engine.cartridge.format import corpus_init_text
+    from engine.corpus.chunks import ChunkSampler, Document
 
     docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(200)))
             for i in range(5)]
@@ -206,9 +206,9 @@ def test_spread_initialisation_draws_from_across_the_corpus():
 
 def test_spread_excerpts_fit_the_cartridge():
     """The excerpts are sized so the chat-templated text fits p: the last excerpt is not cut away."""
-    from engine.cartridge import corpus_init_text
-    from engine.corpus import ChunkSampler, Document
-    from engine.models import chat_ids
+    from engine.cartridge.format import corpus_init_text
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.engines.models import chat_ids
 
     lm = shared_tiny_lm()
     docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(300)))
@@ -220,9 +220,9 @@ def test_spread_excerpts_fit_the_cartridge():
 
 
 def test_attention_initialisation_keeps_each_heads_most_attended_positions():
-    from engine.cartridge import init_embeddings, prefix_embeddings
-    from engine.corpus import ChunkSampler, Document
-    from engine.kv_select import attention_selected, corpus_ids, rerotate
+    from engine.cartridge.format import init_embeddings, prefix_embeddings
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.cartridge.kv_select import attention_selected, corpus_ids, rerotate
 
     lm = shared_tiny_lm()
     sampler = ChunkSampler([Document("log.md", "0" * 64, "The ferry leaves at nine from pier four. " * 12)])

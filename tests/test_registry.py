@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 import sqlite_utils
 
-from engine import registry
+from engine.store import registry
 
 
 def test_fresh_registry_has_schema_version_wal_and_foreign_keys(cartridge_home):

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from conftest import run_cli, write
-from engine import registry
-from engine.conversations import read_conversations
-from engine.pipeline import corpus_folders, synth_dir
-from engine.tokenizer import load_tokenizer
+from engine.store import registry
+from engine.selfstudy.conversations import read_conversations
+from engine.training.pipeline import corpus_folders, synth_dir
+from engine.engines.tokenizer import load_tokenizer
 
 SECRET = "Brackwater Vault code 7781 belongs to Imogen Tarrow"
 TINY = ["--tokens", "8", "--conversations", "4", "--steps", "1", "--chunk-tokens", "64", "--batch-size", "2",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli, write
-from engine import registry
-from engine.ingest import ingest
-from engine.retrieval import retrieve, search, split_passages
-from engine.tokenizer import load_tokenizer
+from engine.store import registry
+from engine.corpus.ingest import ingest
+from engine.corpus.retrieval import retrieve, search, split_passages
+from engine.engines.tokenizer import load_tokenizer
 
 BOATS = ("# Boats\n\nThe club's dinghy is moored at pontoon C, berth 14.\n"
          + "Members book the dinghy through the harbour office.\n" * 3)

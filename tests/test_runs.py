@@ -6,9 +6,10 @@ import json
 import os
 import threading
 
-from engine import pipeline, registry
+from engine.training import pipeline
+from engine.store import registry
 from engine.errors import UserError
-from engine.pipeline import process_started, recover_interrupted, run_alive
+from engine.training.pipeline import process_started, recover_interrupted, run_alive
 
 
 def corpus_with_version(db):
@@ -65,8 +66,8 @@ def test_an_interrupted_incremental_run_resumes_its_own_plan(tmp_path, cartridge
     import time
 
     from conftest import ASSETS, ROOT, run_cli
-    from engine.conversations import read_conversations
-    from engine.pipeline import synth_dir
+    from engine.selfstudy.conversations import read_conversations
+    from engine.training.pipeline import synth_dir
 
     root = tmp_path / "notes"
     shutil.copytree(ASSETS / "sample", root)
@@ -128,10 +129,10 @@ def test_a_resumed_synthesis_makes_what_an_uninterrupted_one_makes(tmp_path):
     """Each conversation's chunk and random streams depend on its slot alone, so a synthesis stopped with
     unsaved conversations (as a kill leaves it) and resumed makes the same conversations, in the same order."""
     from conftest import ASSETS
-    from engine.conversations import read_conversations, shard_paths
-    from engine.corpus import ChunkSampler, Document
-    from engine.models import load_model
-    from engine.pipeline import make_config, synthesize_version
+    from engine.selfstudy.conversations import read_conversations, shard_paths
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.engines.models import load_model
+    from engine.training.pipeline import make_config, synthesize_version
 
     docs = [Document(p.name, p.name, p.read_text()) for p in sorted((ASSETS / "sample").glob("*.md"))]
     lm, sampler = load_model(None, None), ChunkSampler(docs)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import synthesis
+from engine.selfstudy import synthesis
 from engine.errors import UserError
-from engine.models import chat_ids
-from engine.synthesis import (
+from engine.engines.models import chat_ids
+from engine.selfstudy.synthesis import (
     _decode,
     _fork,
     _prefill,
@@ -236,7 +236,7 @@ def test_unknown_backend_is_a_user_error():
 
 
 def test_default_model_writes_a_conversation():
-    from engine.models import load_model
+    from engine.engines.models import load_model
 
     lm = load_model(None, "cpu")
     chunks = [FakeChunk("### File: hours.md\nTidewater Makerspace opens at 9:00 AM on Saturdays and closes at "

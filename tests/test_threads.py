@@ -8,11 +8,12 @@ import threading
 import time
 
 from conftest import ASSETS, write
-from engine import pipeline, registry
-from engine.ingest import ingest
-from engine.inference import open_chat
-from engine.jobs import TrainingQueue
-from engine.watcher import start_watchers
+from engine.training import pipeline
+from engine.store import registry
+from engine.corpus.ingest import ingest
+from engine.serve.inference import open_chat
+from engine.jobs.queue import TrainingQueue
+from engine.jobs.watcher import start_watchers
 
 TINY = dict(p=16, conversations=4, steps=6, batch_size=2, chunk_tokens=96, max_answer_tokens=16, max_user_tokens=48,
             init="spread")

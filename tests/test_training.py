@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cartridge import cartridge_embeddings, create_cartridge_model
-from engine.conversations import Conversation
-from engine.models import chat_ids, context_system_prompt
-from engine.training import (
+from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
+from engine.selfstudy.conversations import Conversation
+from engine.engines.models import chat_ids, context_system_prompt
+from engine.training.distill import (
     PRESETS,
     TrainConfig,
     _collate,
@@ -124,7 +124,7 @@ def test_resume_refuses_other_frozen_count(tmp_path):
     from engine.errors import UserError
     from peft import get_peft_model
 
-    from engine.cartridge import peft_config_for
+    from engine.cartridge.format import peft_config_for
 
     lm = shared_tiny_lm()
     convs = teacher_conversations(lm)
@@ -159,7 +159,7 @@ def test_presets_and_overrides():
 
 def test_loss_same_without_mask_logits_to_keep(monkeypatch):
     """Older transformers 5.x lack boolean logits_to_keep; the index fallback gives the same loss."""
-    import engine.training as training
+    import engine.training.distill as training
 
     lm = shared_tiny_lm()
     convs = teacher_conversations(lm)

@@ -159,9 +159,9 @@ def test_cartridge_for_another_model_is_refused(tmp_path, db):
     import torch
     from safetensors.torch import save_file
 
-    from engine import registry
-    from engine.cartridge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, METADATA, WEIGHT_KEY
-    from engine.ingest import ingest
+    from engine.store import registry
+    from engine.cartridge.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, METADATA, WEIGHT_KEY
+    from engine.corpus.ingest import ingest
 
     write(tmp_path / "docs", "a.md", "Some text about tides.\n")
     result = ingest(tmp_path / "docs", db=db)

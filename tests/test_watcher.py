@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli, write
-from engine import registry
-from engine.ingest import ingest
-from engine.watcher import EventFilter, start_watchers
+from engine.store import registry
+from engine.corpus.ingest import ingest
+from engine.jobs.watcher import EventFilter, start_watchers
 
 QUIET = 1.0
 # A chunk teacher: conversations depend on their chunk's files only, so an edit keeps the others (incremental).
@@ -44,7 +44,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 
 def paused_queue():
-    from engine.jobs import TrainingQueue
+    from engine.jobs.queue import TrainingQueue
 
     return TrainingQueue(paused=True)
 
@@ -186,7 +186,7 @@ def test_ignored_files_and_a_touch_give_no_retrain(tmp_path, db):
 def test_file_still_growing_waits(tmp_path, db, monkeypatch):
     """A file whose writes the observer does not report (as on some network drives) is acted on only
     once its size stops changing."""
-    from engine import watcher
+    from engine.jobs import watcher
 
     root, corpus, queue, service = watching_vault(tmp_path, db)
     note = watcher.CorpusWatch.note
@@ -272,7 +272,7 @@ def test_app_state_folders_are_not_part_of_a_corpus(tmp_path, db):
 
 
 def test_a_failed_retrain_is_retried_with_back_off(tmp_path, db):
-    from engine.jobs import TrainingQueue
+    from engine.jobs.queue import TrainingQueue
 
     root = make_folder(tmp_path / "vault")
     corpus = watched_corpus(root, db)
@@ -340,7 +340,7 @@ def test_cli_watch_switches(tmp_path, cartridge_home):
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory):
     """A data home with one corpus whose v1 is trained (tiny settings), shared by the real-retrain tests."""
-    from engine import pipeline
+    from engine.training import pipeline
 
     base = tmp_path_factory.mktemp("trained")
     home, root = base / "home", make_folder(base / "vault")
@@ -361,7 +361,7 @@ def shared(trained_home, monkeypatch):
 
 
 def test_edit_burst_gives_one_new_ready_version(shared):
-    from engine.jobs import TrainingQueue
+    from engine.jobs.queue import TrainingQueue
 
     db, corpus, root, _ = shared
     before = corpus["current_version"]
@@ -399,7 +399,7 @@ def test_edit_burst_gives_one_new_ready_version(shared):
 
 
 def test_kill_during_retrain_keeps_previous_version_and_next_start_recovers(shared):
-    from engine.jobs import TrainingQueue
+    from engine.jobs.queue import TrainingQueue
 
     db, corpus, root, home = shared
     before = corpus["current_version"]
@@ -447,8 +447,8 @@ def test_kill_during_retrain_keeps_previous_version_and_next_start_recovers(shar
 
 
 def test_a_clearly_worse_retrain_is_kept_but_not_made_current(shared):
-    from engine.jobs import TrainingQueue
-    from engine.pipeline import WORSE_MARGIN
+    from engine.jobs.queue import TrainingQueue
+    from engine.training.pipeline import WORSE_MARGIN
 
     db, corpus, root, _ = shared
     before = registry.get_corpus(db, "vault")["current_version"]

@@ -6,8 +6,8 @@ import functools
 
 import torch
 
-from engine.models import LoadedModel, loaded_model_from
-from engine.tokenizer import load_tokenizer
+from engine.engines.models import LoadedModel, loaded_model_from
+from engine.engines.tokenizer import load_tokenizer
 
 TINY_FINGERPRINT = "tiny-llama@sha256:" + "0" * 64
 

@@ -39,7 +39,7 @@ class DataParallel:
 
     def backward(self, batch: dict, autocast, param: torch.Tensor) -> tuple[float, int]:
         """Gradient of the mean loss over all processes' tokens into `param.grad`; returns (that mean, tokens)."""
-        from engine.training import token_losses
+        from engine.training.distill import token_losses
 
         per_token = token_losses(self.model, batch, autocast)
         per_token.sum().backward()  # DDP leaves the mean over processes of each one's gradient of its sum
@@ -76,10 +76,10 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, job: dict, progress, stop) -> None:
     from safetensors.torch import load_file, save_file
 
-    from engine.cartridge import cartridge_embeddings, create_cartridge_model
-    from engine.models import load_model
+    from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
+    from engine.engines.models import load_model
     from engine.quiet import quiet_third_party
-    from engine.training import distill
+    from engine.training.distill import distill
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a stop at the next step
     quiet_third_party()
@@ -115,8 +115,8 @@ def distill_across(nproc: int, peft_model, lm, model: str | None, conversations:
     import torch.multiprocessing as mp
     from safetensors.torch import load_file, save_file
 
-    from engine.cartridge import cartridge_embeddings
-    from engine.training import TrainResult
+    from engine.cartridge.format import cartridge_embeddings
+    from engine.training.distill import TrainResult
 
     check(nproc, cfg.batch_size, lm.device.type)
     context = mp.get_context("spawn")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine import registry
+from engine.store import registry
 
 PASSAGE_CHARS = 600  # ~150 tokens of prose: small enough that a budget of a few hundred tokens holds several
 MAX_CANDIDATES = 40

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.paths import cache_dir, default_model_path
+from engine.store.paths import cache_dir, default_model_path
 
 
 def _default_tokenizer_dir() -> Path:

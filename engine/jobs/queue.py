@@ -14,7 +14,8 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine import pipeline, registry
+from engine.training import pipeline
+from engine.store import registry
 from engine.errors import UserError
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine import registry
+from engine.store import registry
 from engine.errors import UserError
-from engine.rules import IgnoreRules, decode_text, is_secret
-from engine.tokenizer import token_counter
+from engine.corpus.rules import IgnoreRules, decode_text, is_secret
+from engine.engines.tokenizer import token_counter
 
 DEFAULT_MAX_FILE_BYTES = 1_000_000
 DEFAULT_MAX_TOTAL_BYTES = 50_000_000
@@ -286,7 +286,7 @@ def ingest(path: str | Path, *, name: str | None = None, ignore: list[str] | Non
         else:
             version = latest
     if changed:
-        from engine.retrieval import index_version
+        from engine.corpus.retrieval import index_version
 
         index_version(db, version)  # retrieval (rag modes) searches the version's passages
     corpus = registry.get_corpus(db, corpus["name"])

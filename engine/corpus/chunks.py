@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import registry
-from engine.tokenizer import backend_tokenizer
+from engine.store import registry
+from engine.engines.tokenizer import backend_tokenizer
 
 FILE_HEADER = "### File: {path}\n"
 HEADER_TOKENS = 12  # about what "### File: PATH (continued)" costs in tokens

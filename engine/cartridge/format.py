@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import CartridgeMismatch, UserError
-from engine.models import LoadedModel, chat_ids
+from engine.engines.models import LoadedModel, chat_ids
 
 FORMAT = "cartridge-desktop/1"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -96,9 +96,9 @@ def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
 def init_embeddings(lm: LoadedModel, sampler, p: int, how: str = "first") -> torch.Tensor:
     """The untrained cartridge: the KV of the corpus's first p tokens ("first"), of excerpts from across it
     ("spread"), or of the p positions per KV head that the corpus read whole attends to most ("attention",
-    see engine.kv_select; spread for a corpus too long to read whole)."""
+    see engine.cartridge.kv_select; spread for a corpus too long to read whole)."""
     if how == "attention":
-        from engine.kv_select import attention_selected
+        from engine.cartridge.kv_select import attention_selected
 
         selected = attention_selected(lm, sampler.text, p)
         if selected is not None:
@@ -299,7 +299,7 @@ def generate(
     """Decode after `prompt_ids` with the cartridge (or none) in front; greedy when temperature is 0.
 
     A plain decode loop over a fresh cache, so it can stream (`on_token(id)`) and stop on any id in
-    `stop_ids` (default: the tokenizer's EOS). A `engine.decoding.LoopGuard` bans the tokens it lists
+    `stop_ids` (default: the tokenizer's EOS). A `engine.engines.decoding.LoopGuard` bans the tokens it lists
     and ends the answer once it loops (the caller keeps `guard.kept()`).
     """
     if stop_ids is None:

@@ -62,9 +62,9 @@ class LlamaCppProcess:
         listener = Listener(("127.0.0.1", 0), authkey=key)
         try:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+                [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
             host, port = listener.address
-            self._proc = subprocess.Popen([sys.executable, "-m", "engine.llamacpp_worker", host, str(port)],
+            self._proc = subprocess.Popen([sys.executable, "-m", "engine.engines.llamacpp_worker", host, str(port)],
                                           stdin=subprocess.PIPE, env=env)
             self._proc.stdin.write(key.hex().encode() + b"\n")
             self._proc.stdin.close()
@@ -207,7 +207,7 @@ def _error(exc: BaseException) -> bytes:
 def _serve(host: str, port: int, key: bytes) -> None:
     from multiprocessing.connection import Client
 
-    from engine.llamacpp import LlamaCppEngine
+    from engine.engines.llamacpp import LlamaCppEngine
 
     conn = Client((host, port), authkey=key)
     engine = None

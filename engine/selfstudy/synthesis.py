@@ -25,10 +25,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from engine.conversations import Conversation
-from engine.decoding import loop_start, stop_ids
+from engine.selfstudy.conversations import Conversation
+from engine.engines.decoding import loop_start, stop_ids
 from engine.errors import UserError
-from engine.models import LoadedModel, chat_ids, context_system_prompt
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -478,12 +478,12 @@ BACKENDS: dict[str, Callable[..., Iterator[Conversation]]] = {"torch": _synthesi
 
 
 def _register_llamacpp() -> None:
-    """Pick up `engine.synthesis_llamacpp.llamacpp_backend` (same signature as the torch backend) when it
+    """Pick up `engine.selfstudy.synthesis_llamacpp.llamacpp_backend` (same signature as the torch backend) when it
     can be imported."""
     if "llamacpp" in BACKENDS:
         return
     try:
-        from engine.synthesis_llamacpp import llamacpp_backend
+        from engine.selfstudy.synthesis_llamacpp import llamacpp_backend
     except Exception:  # llama-cpp-python missing or broken: the torch backend remains
         return
     BACKENDS["llamacpp"] = llamacpp_backend

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from engine.models import LoadedModel, chat_ids, context_system_prompt
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt
 
 # The scores need each layer's full attention matrix once (heads x T x T floats): above this the corpus is
 # not read whole and the caller falls back to excerpts.

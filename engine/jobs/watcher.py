@@ -25,11 +25,12 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from engine import pipeline, registry
+from engine.training import pipeline
+from engine.store import registry
 from engine.errors import UserError
-from engine.ingest import ScanOptions, ingest
-from engine.paths import data_home
-from engine.rules import IgnoreRules, is_secret
+from engine.corpus.ingest import ScanOptions, ingest
+from engine.store.paths import data_home
+from engine.corpus.rules import IgnoreRules, is_secret
 
 DEFAULT_QUIET_SECONDS = 60.0
 DEFAULT_RESCAN_SECONDS = 600.0

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from engine import registry
-from engine.cartridge import compose, generate, init_embeddings, kv_bytes, load_cartridge, prefix_embeddings, to_cache
-from engine.corpus import ChunkSampler, assemble, version_documents
-from engine.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
+from engine.store import registry
+from engine.cartridge.format import compose, generate, init_embeddings, kv_bytes, load_cartridge, prefix_embeddings, to_cache
+from engine.corpus.chunks import ChunkSampler, assemble, version_documents
+from engine.engines.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
-from engine.inference import RAG_MODES
-from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
+from engine.serve.inference import RAG_MODES
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
 EVAL_MODES = ("none", "icl", "init", "cartridge", "rag", "cartridge+rag")
 NEEDS_CARTRIDGE = ("init", "cartridge", "cartridge+rag")
@@ -190,12 +190,12 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
                 pass
     lm = load_model(model, device)
     llama = None
-    from engine.inference import choose_engine
+    from engine.serve.inference import choose_engine
 
     # Like chat: llama.cpp for the bundled GGUF on a CPU (what answers the user), torch otherwise.
     if choose_engine(engine, model) == "llama.cpp" and (engine == "llama.cpp" or lm.device.type == "cpu"):
-        from engine.llamacpp import LayoutUnsupported
-        from engine.llamacpp_worker import LlamaCppProcess
+        from engine.engines.llamacpp import LayoutUnsupported
+        from engine.engines.llamacpp_worker import LlamaCppProcess
 
         try:
             llama = LlamaCppProcess(n_ctx=lm.max_positions)
@@ -210,8 +210,8 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     prefixes["cartridge+rag"] = prefixes["cartridge"]
     context = None
     if any(m in RAG_MODES for m in modes):
-        from engine.inference import _cartridge_p
-        from engine.retrieval import rag_system_prompt, retrieve
+        from engine.serve.inference import _cartridge_p
+        from engine.corpus.retrieval import rag_system_prompt, retrieve
 
         if rag_tokens is not None and rag_tokens < 1:
             raise UserError("--rag-tokens must be at least 1")

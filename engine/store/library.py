@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from engine import registry
+from engine.store import registry
 
 # Beyond this many tokens, a cartridge for the default model trained on a CPU covers the folder thinly:
 # the quick preset sees ~96 chunks of 512 tokens (about 50k tokens of text), so a folder twice that size is
@@ -229,7 +229,7 @@ def answer_footer(meta: dict) -> str:
     elif mode in ("rag", "cartridge+rag"):
         what = "cartridge + retrieved passages" if mode == "cartridge+rag" else "retrieved passages (rag)"
         who = " + ".join(f"{v['corpus']} v{v['version']}" for v in versions) + f" {what}"
-        from engine.retrieval import source_label
+        from engine.corpus.retrieval import source_label
 
         used = ", ".join(source_label(s) for s in meta.get("sources") or [])
         who += f" · sources: {used or 'none found'}"

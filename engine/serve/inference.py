@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import registry
-from engine.cartridge import Cartridge, compose, generate, kv_bytes, load_cartridge
-from engine.corpus import assemble, version_documents
-from engine.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
+from engine.store import registry
+from engine.cartridge.format import Cartridge, compose, generate, kv_bytes, load_cartridge
+from engine.corpus.chunks import assemble, version_documents
+from engine.engines.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
-from engine.models import LoadedModel, chat_ids, context_system_prompt, load_model
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model
 
 MODES = ("cartridge", "icl", "none", "rag", "cartridge+rag")
 CARTRIDGE_MODES = ("cartridge", "cartridge+rag")
@@ -103,7 +103,7 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
 
 def _check_icl_fits(versions: list[dict], model: str | None) -> None:
     """Refuse icl for a corpus longer than the bundled model's context before loading anything."""
-    from engine.tokenizer import is_default
+    from engine.engines.tokenizer import is_default
 
     tokens = sum(int(v.get("tokens") or 0) for v in versions)
     if is_default(model) and tokens + ICL_MARGIN > DEFAULT_CONTEXT:
@@ -112,8 +112,8 @@ def _check_icl_fits(versions: list[dict], model: str | None) -> None:
 
 
 def _cartridge_p(version: dict) -> int:
-    from engine.library import cartridge_info
-    from engine.training import PRESETS
+    from engine.store.library import cartridge_info
+    from engine.training.distill import PRESETS
 
     info = cartridge_info(version.get("cartridge"))
     return int(info["p"]) if info and info["p"] else PRESETS["quick"].p_for(int(version.get("tokens") or 0))
@@ -137,7 +137,7 @@ class _Chat:
 
     def retrieve(self, question: str) -> str:
         """The rag system prompt for `question` (and the passages' sources, kept for the reply)."""
-        from engine.retrieval import rag_system_prompt, retrieve
+        from engine.corpus.retrieval import rag_system_prompt, retrieve
 
         db = registry.open_registry()
         try:
@@ -175,7 +175,7 @@ class _Chat:
               on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Reply:
         """Answer the last user message of `messages`, streaming text pieces to `on_text`.
 
-        The loop guard (`engine.decoding`) keeps the answer from repeating itself: an answer that loops
+        The loop guard (`engine.engines.decoding`) keeps the answer from repeating itself: an answer that loops
         anyway ends where the repetition began (the streamed text may have shown a little more).
         """
         ids = self.prompt_ids(messages)
@@ -252,10 +252,10 @@ class LlamaCppChat(_Chat):
     engine = "llama.cpp"
 
     def __init__(self, db, target: Target):
-        from engine.llamacpp import template_prefix_ids
-        from engine.llamacpp_worker import LlamaCppProcess
-        from engine.paths import default_model_path
-        from engine.tokenizer import load_tokenizer
+        from engine.engines.llamacpp import template_prefix_ids
+        from engine.engines.llamacpp_worker import LlamaCppProcess
+        from engine.store.paths import default_model_path
+        from engine.engines.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(None)
         n_ctx = 8192 if target.mode == "icl" else 4096
@@ -278,7 +278,7 @@ ENGINES = ("llama.cpp", "torch")
 
 def choose_engine(requested: str | None, model_spec: str | None) -> str:
     """llama.cpp for the bundled GGUF model, torch for any other model; `requested` overrides."""
-    from engine.tokenizer import is_default
+    from engine.engines.tokenizer import is_default
 
     if requested not in (None, "auto", *ENGINES):
         raise UserError(f"unknown engine {requested!r} (choose from {', '.join(ENGINES)})")
@@ -293,7 +293,7 @@ def open_chat(db, corpus_names: list[str], *, version: int | None = None, mode: 
               model: str | None = None, device: str | None = None, engine: str | None = None,
               rag_tokens: int | None = None):
     """A chat backend for the given corpora and mode."""
-    from engine.llamacpp import LayoutUnsupported
+    from engine.engines.llamacpp import LayoutUnsupported
 
     target = resolve(db, corpus_names, version=version, mode=mode, model=model, rag_tokens=rag_tokens)
     if choose_engine(engine, target.model_spec) == "llama.cpp" and device in (None, "auto", "cpu"):

@@ -5,7 +5,7 @@ and the answer turn (greedy) both continue from that KV, because the engine keep
 prefix of consecutive prompts and drops only what follows it. The teacher's top-k log-probabilities
 come from the very logits that chose each greedy answer token: no second forward pass.
 
-Same contract as the torch backend in `engine.synthesis` (same system prompt, seed draw, user-message
+Same contract as the torch backend in `engine.selfstudy.synthesis` (same system prompt, seed draw, user-message
 cleaning and filter with one retry, answers that keep their final stop token with its top-k). It is that
 module's "llamacpp" backend (`llamacpp_backend`).
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.conversations import Conversation
+from engine.selfstudy.conversations import Conversation
 from engine.errors import UserError
-from engine.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
-from engine.llamacpp_worker import LlamaCppProcess
-from engine.models import chat_ids
-from engine.synthesis import (
+from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
+from engine.engines.llamacpp_worker import LlamaCppProcess
+from engine.engines.models import chat_ids
+from engine.selfstudy.synthesis import (
     BACKENDS,
     chunk_sources,
     chunk_system_prompt,
@@ -152,7 +152,7 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
 
 def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max_user_tokens, max_answer_tokens,
                      batch_size, on_progress, seed) -> Iterator[Conversation]:
-    """`engine.synthesis.BACKENDS["llamacpp"]`: the default GGUF on llama.cpp; any other model, or a
+    """`engine.selfstudy.synthesis.BACKENDS["llamacpp"]`: the default GGUF on llama.cpp; any other model, or a
     llama.cpp whose KV layout is not the known one, goes to the torch backend."""
     torch_backend = BACKENDS["torch"]
     kwargs = dict(seeds=seeds, k=k, temperature=temperature, max_user_tokens=max_user_tokens,

@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlite_utils
 
 from engine.errors import UserError
-from engine.paths import registry_path
+from engine.store.paths import registry_path
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
@@ -222,7 +222,7 @@ def rename_corpus(db, name: str, new_name: str) -> None:
 
 def delete_corpus(db, corpus_id: int) -> None:
     """Forget a corpus and everything recorded about it, chats with it included (its folder is untouched; the data files the
-    app made for it are removed by `engine.pipeline.remove_corpus`)."""
+    app made for it are removed by `engine.training.pipeline.remove_corpus`)."""
     name = db["corpora"].get(corpus_id)["name"]
     with db.atomic():
         for chat in db["chats"].rows_where():

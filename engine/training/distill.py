@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.conversations import Conversation
+from engine.selfstudy.conversations import Conversation
 from engine.errors import UserError
-from engine.models import LoadedModel, chat_ids
+from engine.engines.models import LoadedModel, chat_ids
 
 LOSS_ON = ("assistant", "all")
 TEACHERS = ("corpus", "chunk")
@@ -56,7 +56,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to a tenth
     warmup: float = 0.05  # share of the steps spent warming up (cosine schedule)
     init: str = "first"  # cartridge start: KV of the corpus's "first" p tokens, of excerpts "spread" across it,
-    # or the "attention"-selected KV of the corpus read whole (see engine.kv_select)
+    # or the "attention"-selected KV of the corpus read whole (see engine.cartridge.kv_select)
     heldout: float = 0.1  # share of conversations kept out of training to score the cartridge
     eval_every: int = 12  # steps between held-out scorings (the best state is kept)
 
@@ -520,7 +520,7 @@ def distill(
     checkpoint (if it has a folder) and returns with `stopped=True`. With `heldout` conversations, the
     cartridge is scored on them before training, every `cfg.eval_every` steps and at the end, and the
     best-scoring state is the one left in `peft_model`. With `parallel` (one of several processes, see
-    engine.distributed), each step's batch is split between the processes and their gradients are
+    engine.training.distributed), each step's batch is split between the processes and their gradients are
     averaged, so the steps are those of one process with the whole batch; only rank 0 writes checkpoints.
     """
     if cfg.loss_on not in LOSS_ON:

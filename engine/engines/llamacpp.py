@@ -408,7 +408,7 @@ class LlamaCppEngine:
         engine.inject(cartridge_embeddings)       # [p, width] fp32, PEFT layout; sequence 0 = the cartridge
         ids = engine.generate(chat_ids(...), max_new_tokens=128, on_token=print)
 
-    Prompt ids must be the exact ids of `engine.models.chat_ids`: nothing is added (no BOS, no template).
+    Prompt ids must be the exact ids of `engine.engines.models.chat_ids`: nothing is added (no BOS, no template).
     The engine remembers which prompt tokens sit after the cartridge and reuses the longest common prefix
     on the next call (a follow-up turn, or the answer turn after the question turn of self-study).
     """
@@ -417,7 +417,7 @@ class LlamaCppEngine:
                  n_threads: int | None = None, n_threads_batch: int | None = None, n_gpu_layers: int | None = None,
                  adaptive_threads: bool | None = None, check: bool = True):
         if model_path is None:
-            from engine.paths import default_model_path
+            from engine.store.paths import default_model_path
 
             model_path = default_model_path()
         self.model_path = Path(model_path)
@@ -504,8 +504,8 @@ class LlamaCppEngine:
 
     @property
     def fingerprint(self) -> str:
-        """The model's fingerprint, as stored in the cartridges made for it (`engine.models.gguf_fingerprint`)."""
-        from engine.models import gguf_fingerprint
+        """The model's fingerprint, as stored in the cartridges made for it (`engine.engines.models.gguf_fingerprint`)."""
+        from engine.engines.models import gguf_fingerprint
 
         return gguf_fingerprint(self.model_path)
 
@@ -789,7 +789,7 @@ class LlamaCppEngine:
         """Decode after cartridge + `prompt_ids`; greedy at temperature 0, else sampled from softmax(logits / T).
 
         Streams every kept token to `on_token`; `on_logits` sees the logits each token was chosen from
-        (also for a stop token, which ends the answer and is not returned). A `engine.decoding.LoopGuard`
+        (also for a stop token, which ends the answer and is not returned). A `engine.engines.decoding.LoopGuard`
         bans the tokens it lists and ends the answer once it loops (the caller keeps `guard.kept()`).
         """
         return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
@@ -882,7 +882,7 @@ def template_prefix_ids(tokenizer) -> list[int]:
 
     Found as the common prefix of two rendered prompts, so it follows whatever template the model has.
     """
-    from engine.models import chat_ids
+    from engine.engines.models import chat_ids
 
     a = chat_ids(tokenizer, [{"role": "user", "content": "a"}], add_generation_prompt=True)
     b = chat_ids(tokenizer, [{"role": "user", "content": "Zz 9"}], add_generation_prompt=True)

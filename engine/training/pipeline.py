@@ -18,17 +18,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine import registry
-from engine.conversations import conversation_slots, count_conversations, read_conversations, write_shard
-from engine.corpus import ChunkSampler, version_documents
+from engine.store import registry
+from engine.selfstudy.conversations import conversation_slots, count_conversations, read_conversations, write_shard
+from engine.corpus.chunks import ChunkSampler, version_documents
 from engine.errors import UserError
-from engine.paths import cartridges_dir, data_home
-from engine.training import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, heldout_count,
+from engine.store.paths import cartridges_dir, data_home
+from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, heldout_count,
                              split_heldout)
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
 MAX_SYNTHESIS_ROUNDS = 3
-SEEDS_DIR = Path(__file__).resolve().parent.parent / "assets" / "seeds"
+SEEDS_DIR = Path(__file__).resolve().parents[2] / "assets" / "seeds"
 TEMPLATE_MARGIN = 320  # teacher prompt tokens beyond the corpus text: template, seed prompt, file headers
 WORSE_MARGIN = 0.05  # a watcher retrain whose held-out score is lower by more than this stays not current
 
@@ -90,7 +90,7 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
     if cfg.seed_mix:
-        from engine.synthesis import load_seed_prompts, mix_seeds
+        from engine.selfstudy.synthesis import load_seed_prompts, mix_seeds
 
         mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)  # a bad mix is refused before any work
     return cfg
@@ -197,7 +197,7 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
                        on_progress: Callable[[Progress], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> int:
     """Make self-study conversations until `folder` holds `target`; returns how many it holds."""
-    from engine.synthesis import load_seed_prompts, mix_seeds, synthesize
+    from engine.selfstudy.synthesis import load_seed_prompts, mix_seeds, synthesize
 
     target = cfg.conversations if target is None else target
     seeds = mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)
@@ -323,7 +323,7 @@ def choose_p(db, corpus: dict, row: dict, cfg: TrainConfig, incremental: bool = 
     """The run's p: the preset's p for this corpus's size; an incremental retrain keeps the p of the
     cartridge it would start from while that is within a quarter of it, so a folder that grows a little
     is not retrained from scratch for a slightly different p."""
-    from engine.library import cartridge_info
+    from engine.store.library import cartridge_info
 
     p = cfg.p_for(int(row["tokens"] or 0))
     prev = _earlier_ready(db, corpus, row) if incremental and cfg.max_p else None
@@ -334,7 +334,7 @@ def choose_p(db, corpus: dict, row: dict, cfg: TrainConfig, incremental: bool = 
 
 def previous_cartridge(db, corpus: dict, number: int, lm):
     """The warm start of an incremental plan: that version's cartridge embeddings."""
-    from engine.cartridge import load_cartridge
+    from engine.cartridge.format import load_cartridge
 
     return load_cartridge(Path(registry.get_version(db, corpus, number)["cartridge"]), lm).embeddings
 
@@ -399,16 +399,16 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
           guard_current: bool = False, nproc: int = 1, **overrides) -> TrainOutcome:
     """Train (or resume) the cartridge of a corpus version and make that version current.
 
-    With `nproc` > 1 the distillation runs in that many processes (engine.distributed); the plan and the
+    With `nproc` > 1 the distillation runs in that many processes (engine.training.distributed); the plan and the
     self-study stay in this one.
 
     With `guard_current` (retrains the watcher starts), a version whose held-out score is clearly worse
     than the serving version's is kept, ready, but not made current; an event says why.
     """
-    from engine.cartridge import (cartridge_embeddings, create_cartridge_model, init_embeddings, peft_config_for,
+    from engine.cartridge.format import (cartridge_embeddings, create_cartridge_model, init_embeddings, peft_config_for,
                                   save_cartridge)
-    from engine.models import load_model
-    from engine.training import distill
+    from engine.engines.models import load_model
+    from engine.training.distill import distill
 
     recover_interrupted(db)
     corpus = registry.get_corpus(db, corpus_name)
@@ -434,7 +434,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     report(Progress("load", message=f"loading model {model or 'default'}"))
     lm = load_model(model, device)
     if nproc > 1:
-        from engine.distributed import check
+        from engine.training.distributed import check
 
         check(nproc, cfg.batch_size, lm.device.type)
     config_doc = {"train": asdict(cfg), "preset": preset, "model": model, "device": str(lm.device)}
@@ -481,7 +481,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
                 _write_in_shards(folder, reused_conversations(db, corpus, plan.from_version, documents)[: plan.reused])
             warm_start = previous_cartridge(db, corpus, plan.from_version, lm)
         if plan.new or plan.kind == "full":
-            from engine.synthesis import synthesis_backend as resolve_backend
+            from engine.selfstudy.synthesis import synthesis_backend as resolve_backend
 
             synthesized = resolve_backend(lm, synthesis_backend)  # resolved once: what the JSON names is what ran
             synthesize_version(lm, sampler, folder, cfg, backend=synthesized, on_progress=on_synth,
@@ -518,7 +518,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
 
         checkpoint_dir = run_dir(corpus, run_id) / "checkpoint"
         if nproc > 1:
-            from engine.distributed import distill_across
+            from engine.training.distributed import distill_across
 
             result = distill_across(nproc, peft_model, lm, model, conversations, cfg, on_step=on_step,
                                     checkpoint_dir=checkpoint_dir, resume=resume, should_stop=should_stop,

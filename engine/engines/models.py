@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
-from engine.paths import cache_dir, default_model_path
-from engine.tokenizer import is_default, load_tokenizer
+from engine.store.paths import cache_dir, default_model_path
+from engine.engines.tokenizer import is_default, load_tokenizer
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
