@@ -43,7 +43,7 @@ def run_backend(lm, chunks, n: int, backend: str, seeds: dict, cfg) -> dict:
 
 def _templated(conversation, seeds: dict) -> bool:
     """Whether the user turn was a filled message template rather than written by the model."""
-    from engine.selfstudy.synthesis import PLACEHOLDER, is_direct
+    from engine.selfstudy.prompts import PLACEHOLDER, is_direct
 
     for seed in seeds.get(conversation.seed_type, []):
         if is_direct(seed):
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.corpus.chunks import ChunkSampler, Document
     from engine.engines.models import load_model
-    from engine.selfstudy.synthesis import load_seed_prompts
+    from engine.selfstudy.prompts import load_seed_prompts
     from engine.training.distill import PRESETS
 
     cfg = PRESETS["quick"]

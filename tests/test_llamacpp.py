@@ -245,17 +245,18 @@ def test_topk_logprobs():
 
 
 def test_llamacpp_synthesis(lm, monkeypatch):
-    from engine.selfstudy import synthesis
     from engine.corpus.chunks import Chunk
-    from engine.selfstudy.synthesis import loop_start
+    from engine.engines.decoding import loop_start
+    from engine.selfstudy import llamacpp_backend, synthesis
+    from engine.selfstudy.prompts import load_seed_prompts
 
     def no_torch(*args, **kwargs):
         raise AssertionError("the llama.cpp backend fell back to torch")
 
-    monkeypatch.setitem(synthesis.BACKENDS, "torch", no_torch)
+    monkeypatch.setattr(llamacpp_backend, "_synthesize_torch", no_torch)
     text = (ASSETS / "sample" / "safety.md").read_text(encoding="utf-8")[:600]
     chunks = [Chunk(text, ["safety.md"], ["abc"], 0, 140)] * 3
-    seeds = synthesis.load_seed_prompts(ASSETS / "seeds")
+    seeds = load_seed_prompts(ASSETS / "seeds")
     progress = []
     convs = list(synthesis.synthesize(lm, chunks, 1, seeds=seeds, k=20, max_user_tokens=48, max_answer_tokens=24,
                                       seed=1, on_progress=lambda d, n: progress.append(d), backend="llamacpp"))

@@ -160,7 +160,7 @@ def test_train_reports_and_stores_the_heldout_score(tmp_path, cartridge_home):
 def test_teacher_sees_the_whole_corpus_or_a_window_around_the_chunk():
     from engine.corpus.chunks import ChunkSampler, Document
     from engine.engines.models import context_system_prompt
-    from engine.selfstudy.synthesis import chunk_system_prompt
+    from engine.selfstudy.prompts import chunk_system_prompt
 
     docs = [Document(f"n{i}.md", f"{i:064d}", f"Note {i}. " + " ".join(f"word{i}x{j}" for j in range(300)))
             for i in range(6)]

@@ -9,26 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from engine.selfstudy import synthesis
-from engine.errors import UserError
+from engine.engines.decoding import loop_start
 from engine.engines.models import chat_ids
-from engine.selfstudy.synthesis import (
-    _decode,
-    _fork,
-    _prefill,
+from engine.errors import UserError
+from engine.selfstudy import prompts, torch_backend
+from engine.selfstudy.prompts import (
     chunk_features,
-    draw_seed,
     chunk_system_prompt,
     clean_user_message,
+    draw_seed,
     fill_seed,
     is_bad_user_message,
     is_direct,
     load_seed_prompts,
-    loop_start,
     mix_seeds,
     salvage_truncated,
-    synthesize,
 )
+from engine.selfstudy.synthesis import synthesize
+from engine.selfstudy.torch_backend import _decode, _fork, _prefill
 from tests.tiny_model import shared_tiny_lm
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -64,7 +62,7 @@ def test_load_seed_prompts(tmp_path):
 
 def test_bundled_seed_prompts_cover_all_types():
     seeds = load_seed_prompts(ASSETS / "seeds")
-    assert set(synthesis.SEED_TYPES) <= set(seeds)
+    assert set(prompts.SEED_TYPES) <= set(seeds)
     assert all(all("---" not in p for p in prompts) for prompts in seeds.values())
 
 
@@ -169,7 +167,7 @@ def test_decode_stops_per_row():
 
 def test_synthesize_tiny_model(monkeypatch):
     """The random tiny model writes gibberish, so the user-message filter is switched off here."""
-    monkeypatch.setattr(synthesis, "is_bad_user_message", lambda message, seed, finished: not message)
+    monkeypatch.setattr(torch_backend, "is_bad_user_message", lambda message, seed, finished: not message)
     lm = shared_tiny_lm()
     progress = []
     convs = list(synthesize(lm, CHUNKS, 3, seeds=SEEDS, k=6, max_user_tokens=5, max_answer_tokens=7, batch_size=2,

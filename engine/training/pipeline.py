@@ -90,7 +90,7 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
     if cfg.seed_mix:
-        from engine.selfstudy.synthesis import load_seed_prompts, mix_seeds
+        from engine.selfstudy.prompts import load_seed_prompts, mix_seeds
 
         mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)  # a bad mix is refused before any work
     return cfg
@@ -197,7 +197,8 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
                        on_progress: Callable[[Progress], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> int:
     """Make self-study conversations until `folder` holds `target`; returns how many it holds."""
-    from engine.selfstudy.synthesis import load_seed_prompts, mix_seeds, synthesize
+    from engine.selfstudy.prompts import load_seed_prompts, mix_seeds
+    from engine.selfstudy.synthesis import synthesize
 
     target = cfg.conversations if target is None else target
     seeds = mix_seeds(load_seed_prompts(SEEDS_DIR), cfg.seed_mix)

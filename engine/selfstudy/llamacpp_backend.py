@@ -5,9 +5,9 @@ and the answer turn (greedy) both continue from that KV, because the engine keep
 prefix of consecutive prompts and drops only what follows it. The teacher's top-k log-probabilities
 come from the very logits that chose each greedy answer token: no second forward pass.
 
-Same contract as the torch backend in `engine.selfstudy.synthesis` (same system prompt, seed draw, user-message
-cleaning and filter with one retry, answers that keep their final stop token with its top-k). It is that
-module's "llamacpp" backend (`llamacpp_backend`).
+Same contract as the torch backend in `engine.selfstudy.torch_backend` (same system prompt, seed draw,
+user-message cleaning and filter with one retry, answers that keep their final stop token with its top-k).
+`engine.selfstudy.synthesis` registers `llamacpp_backend` as its "llamacpp" backend.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from engine.errors import UserError
 from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
 from engine.engines.llamacpp_worker import LlamaCppProcess
 from engine.engines.models import chat_ids
-from engine.selfstudy.synthesis import (
-    BACKENDS,
+from engine.engines.decoding import loop_start, stop_ids
+from engine.selfstudy.prompts import (
     chunk_sources,
     chunk_system_prompt,
     clean_user_message,
@@ -33,11 +33,10 @@ from engine.selfstudy.synthesis import (
     is_bad_user_message,
     is_direct,
     kept_answer_length,
-    loop_start,
     salvage_truncated,
     slot_random,
-    stop_ids,
 )
+from engine.selfstudy.torch_backend import _synthesize_torch
 
 CONTEXT_MARGIN = 320  # template, seed prompt and headers on top of the chunk and the two turns
 
@@ -152,9 +151,9 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
 
 def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max_user_tokens, max_answer_tokens,
                      batch_size, on_progress, seed) -> Iterator[Conversation]:
-    """`engine.selfstudy.synthesis.BACKENDS["llamacpp"]`: the default GGUF on llama.cpp; any other model, or a
+    """The "llamacpp" backend: the default GGUF on llama.cpp; any other model, or a
     llama.cpp whose KV layout is not the known one, goes to the torch backend."""
-    torch_backend = BACKENDS["torch"]
+    torch_backend = _synthesize_torch
     kwargs = dict(seeds=seeds, k=k, temperature=temperature, max_user_tokens=max_user_tokens,
                   max_answer_tokens=max_answer_tokens, on_progress=on_progress, seed=seed)
     if getattr(lm, "spec", None) != "default":
@@ -169,5 +168,3 @@ def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max
         return torch_backend(lm, chunks, n, batch_size=batch_size, **kwargs)
     return synthesize_llamacpp(engine.model_path, lm.tokenizer, chunks, n, engine=engine, **kwargs)
 
-
-BACKENDS.setdefault("llamacpp", llamacpp_backend)
