@@ -150,7 +150,8 @@ def cmd_train(args) -> None:
     try:
         outcome = pipeline.train(db, args.corpus, version=args.version, preset=args.preset, model=args.model,
                                  device=args.device, resume=args.resume, on_progress=bars, nproc=args.nproc,
-                                 **_train_overrides(args))
+                                 synthesis_server=args.synthesis_server, server_model=args.server_model,
+                                 concurrency=args.concurrency, **_train_overrides(args))
     except KeyboardInterrupt:
         bars.close()
         raise UserError(f"training stopped; continue with `cartridge train {args.corpus} --resume`") from None
@@ -171,6 +172,38 @@ def cmd_train(args) -> None:
                   f"cartridge {h['nll_cartridge']:.3f}, teacher {h['nll_teacher']:.3f})")
         if not outcome.current:
             print(f"  not made current: {outcome.not_current}", file=sys.stderr)
+
+
+def cmd_llama_server(args) -> None:
+    import signal
+    import subprocess
+
+    from engine.engines import llama_server
+    from engine.store.paths import default_model_path
+
+    binary = llama_server.ensure_built(say=lambda message: print(message, file=sys.stderr, flush=True))
+    if args.build_only:
+        print(binary)
+        return
+    url = f"http://127.0.0.1:{args.port}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated command stops its server too
+    command = llama_server.server_command(default_model_path(), port=args.port, parallel=args.parallel, ctx=args.ctx)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
+                               stderr=subprocess.DEVNULL if not args.verbose else None)
+    try:
+        llama_server.wait_until_ready(url, process)
+        print(f"llama-server serves the bundled model at {url} ({args.parallel} requests at a time; Ctrl-C stops it)\n"
+              f"  cartridge train CORPUS --synthesis-server {url} --concurrency {args.parallel}", flush=True)
+        process.wait()
+        if process.returncode:
+            raise UserError(f"llama-server stopped with code {process.returncode}")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def cmd_chat(args) -> None:
@@ -387,8 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, choices=range(1, 65), default=1, metavar="N",
                    help="train in N processes with torch DDP (gloo on CPUs, NCCL with one GPU each); "
                         "self-study stays in one")
+    p.add_argument("--synthesis-server", metavar="URL",
+                   help="make the self-study conversations on this inference server (llama.cpp's llama-server, vLLM "
+                        "or SGLang) serving the training model")
+    p.add_argument("--server-model", metavar="NAME", help="the model to ask for, when the server serves several")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N",
+                   help="conversations in flight on the server at a time (default 4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("llama-server", help="serve the bundled model with llama.cpp's llama-server on 127.0.0.1 "
+                                            "(for --synthesis-server; built once, about 8 minutes)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests served at a time (default 4)")
+    p.add_argument("--ctx", type=int, default=4096, metavar="N", help="context tokens per request (default 4096)")
+    p.add_argument("--build-only", action="store_true", help="build llama-server if needed, print its path and exit")
+    p.add_argument("--verbose", action="store_true", help="show llama-server's own log")
+    p.set_defaults(func=cmd_llama_server)
 
     p = sub.add_parser("chat", help="chat with one or more corpora (cartridges composed)")
     p.add_argument("corpus", nargs="+")

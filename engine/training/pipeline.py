@@ -195,8 +195,11 @@ def _prepare_synth_dir(folder: Path, settings: dict) -> None:
 def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig, *, backend: str = "auto",
                        only_files: set[str] | None = None, target: int | None = None,
                        on_progress: Callable[[Progress], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> int:
-    """Make self-study conversations until `folder` holds `target`; returns how many it holds."""
+                       should_stop: Callable[[], bool] | None = None, server=None, concurrency: int = 4) -> int:
+    """Make self-study conversations until `folder` holds `target`; returns how many it holds.
+
+    With `server` (an `engine.engines.server.ServerClient`) the conversations are made on that inference
+    server, `concurrency` at a time, instead of by `backend` in this process."""
     from engine.selfstudy.prompts import load_seed_prompts, mix_seeds
     from engine.selfstudy.synthesis import synthesize
 
@@ -226,22 +229,33 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
             order = [chunk.slot for chunk in chunks]
             chunks = chunks[max(order.index(slot) for slot in done) + 1:]
         pending = []
-        for conversation in synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
-                                       max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed, backend=backend):
-            pending.append(conversation)
-            made += 1
-            if len(pending) >= SHARD_SIZE:
+        if server is not None:
+            from engine.selfstudy.server_backend import synthesize_on_server
+
+            made_here = synthesize_on_server(server, lm.tokenizer, chunks, target - have, seeds=seeds,
+                                             max_user_tokens=cfg.max_user_tokens,
+                                             max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed,
+                                             concurrency=concurrency)
+        else:
+            made_here = synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
+                                   max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed, backend=backend)
+        try:
+            for conversation in made_here:
+                pending.append(conversation)
+                made += 1
+                if len(pending) >= SHARD_SIZE:
+                    write_shard(folder, pending)
+                    pending = []
+                if on_progress:
+                    rate = made / (time.perf_counter() - began)
+                    done_now = have + made
+                    on_progress(Progress("synthesis", min(done_now, target), target,
+                                         max(0, target - done_now) / rate if rate else None, rate))
+                if should_stop and should_stop():
+                    break
+        finally:  # also when the engine or server fails: what was made is kept for a resume
+            if pending:
                 write_shard(folder, pending)
-                pending = []
-            if on_progress:
-                rate = made / (time.perf_counter() - began)
-                done_now = have + made
-                on_progress(Progress("synthesis", min(done_now, target), target,
-                                     max(0, target - done_now) / rate if rate else None, rate))
-            if should_stop and should_stop():
-                break
-        if pending:
-            write_shard(folder, pending)
         made = 0
         began = time.perf_counter()
     return count_conversations(folder)
@@ -397,8 +411,13 @@ def _write_in_shards(folder: Path, conversations: list) -> None:
 def train(db, corpus_name: str, *, version: int | None = None, preset: str = "quick", model: str | None = None,
           device: str | None = None, resume: bool = False, incremental: bool = True, synthesis_backend: str = "auto",
           on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          guard_current: bool = False, nproc: int = 1, **overrides) -> TrainOutcome:
+          guard_current: bool = False, nproc: int = 1, synthesis_server: str | None = None,
+          server_model: str | None = None, concurrency: int = 4, **overrides) -> TrainOutcome:
     """Train (or resume) the cartridge of a corpus version and make that version current.
+
+    With `synthesis_server` (a URL) the self-study conversations are made on that inference server
+    (llama.cpp's llama-server, vLLM or SGLang; see engine.engines.server), `concurrency` at a time; a
+    server whose tokenizer is not the training model's is refused before any work.
 
     With `nproc` > 1 the distillation runs in that many processes (engine.training.distributed); the plan and the
     self-study stay in this one.
@@ -427,6 +446,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         saved = json.loads(previous["config"])
         cfg = TrainConfig(**saved["train"])
         model, preset = saved.get("model"), saved.get("preset", preset)
+        if synthesis_server is None and saved.get("server"):  # resume on the server the run started with
+            synthesis_server, server_model = saved["server"]["url"], saved["server"].get("model") or None
+            concurrency = saved["server"].get("concurrency", concurrency)
     else:
         cfg = make_config(preset, **overrides)
         cfg = cfg.replace(p=choose_p(db, corpus, row, cfg, incremental))
@@ -438,7 +460,21 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         from engine.training.distributed import check
 
         check(nproc, cfg.batch_size, lm.device.type)
+    server = None
+    if synthesis_server:
+        from engine.engines.server import ServerClient
+
+        if concurrency < 1:
+            raise UserError("--concurrency must be at least 1")
+        server = ServerClient(synthesis_server, model=server_model)
+        try:
+            server.check_tokenizer(lm.tokenizer)
+        except BaseException:
+            server.close()
+            raise
     config_doc = {"train": asdict(cfg), "preset": preset, "model": model, "device": str(lm.device)}
+    if server is not None:
+        config_doc["server"] = {**server.describe(), "concurrency": concurrency}
     try:
         run_id = registry.start_run(db, corpus["id"], row["id"], config_doc, pid=os.getpid(),
                                     pid_started=process_started(os.getpid()),
@@ -484,10 +520,12 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if plan.new or plan.kind == "full":
             from engine.selfstudy.synthesis import synthesis_backend as resolve_backend
 
-            synthesized = resolve_backend(lm, synthesis_backend)  # resolved once: what the JSON names is what ran
+            # resolved once: what the JSON names is what ran
+            synthesized = "server" if server is not None else resolve_backend(lm, synthesis_backend)
             synthesize_version(lm, sampler, folder, cfg, backend=synthesized, on_progress=on_synth,
                                should_stop=should_stop, target=plan.conversations,
-                               only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
+                               only_files=set(plan.changed_files) if plan.kind == "incremental" else None,
+                               server=server, concurrency=concurrency)
         if should_stop and should_stop():
             return _stopped(db, corpus, row, run_id)
 
@@ -561,6 +599,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         # What made this run's conversations (None: all were reused) and what trained the cartridge.
         engines = {"synthesis": "llama.cpp" if synthesized == "llamacpp" else synthesized, "training": "torch",
                    "device": lm.device.type, "processes": nproc}
+        if synthesized == "server":
+            engines["server"] = server.describe()
         return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, len(conversations), result.steps,
                             result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None, worse,
                             engines)
@@ -568,6 +608,12 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         _stopped(db, corpus, row, run_id, status="interrupted")
         raise
     except Exception as exc:
+        from engine.engines.server import ServerError
+
+        if isinstance(exc, ServerError):  # what the server made is saved: resume once it answers again
+            _stopped(db, corpus, row, run_id, status="interrupted")
+            raise ServerError(f"{exc}. The conversations made so far are saved: run `cartridge train "
+                              f"{corpus['name']} --resume` once the server answers again.") from None
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, MemoryError) or "out of memory" in message.lower():
             message = f"out of memory ({message}): try a smaller --tokens or batch size"
@@ -578,6 +624,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if isinstance(exc, UserError):
             raise
         raise UserError(f"training failed: {message}") from exc
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _older_than_serving(db, corpus: dict, row: dict) -> str | None:
