@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 LOOP_NGRAM, LOOP_TIMES = 6, 3
+
+
+@dataclass
+class Generated:
+    """What a teacher generated: tokens, whether a stop token ended them, and (when asked) the top-k rows."""
+
+    tokens: list[int]  # without a final stop token
+    stopped: bool  # ended on the model's end-of-generation token (not on the length cap)
+    topk_ids: np.ndarray | None = None  # [len(tokens) (+1: the stop token's row when stopped), k], best first
+    topk_logprobs: np.ndarray | None = None
 
 
 def loop_start(ids: list[int], n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> int | None:

@@ -18,10 +18,10 @@ few times with backoff; a server that keeps failing stops the run with one clear
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from engine.engines.decoding import Generated
 from engine.errors import UserError
 
 KINDS = ("llama.cpp", "vllm", "sglang")
@@ -31,14 +31,6 @@ PROBE_TEXT = "Cartridges: 3 files, 1,024 tokens — café naïve 東京 def f(x)
 LLAMA_PLAIN_SAMPLING = {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                         "dry_multiplier": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
                         "xtc_probability": 0.0}
-
-
-@dataclass
-class Generated:
-    tokens: list[int]  # without a final stop token
-    stopped: bool  # ended on the model's end-of-generation token (not on the length cap)
-    topk_ids: np.ndarray | None = None  # [len(tokens) (+1 with the stop token's row), k]
-    topk_logprobs: np.ndarray | None = None
 
 
 class ServerError(UserError):

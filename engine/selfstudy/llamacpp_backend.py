@@ -12,7 +12,6 @@ user-message cleaning and filter with one retry, answers that keep their final s
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -22,20 +21,9 @@ from engine.selfstudy.conversations import Conversation
 from engine.errors import UserError
 from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
 from engine.engines.llamacpp_worker import LlamaCppProcess
-from engine.engines.models import chat_ids
-from engine.engines.decoding import loop_start, stop_ids
-from engine.selfstudy.prompts import (
-    chunk_sources,
-    chunk_system_prompt,
-    clean_user_message,
-    draw_seed,
-    fill_seed,
-    is_bad_user_message,
-    is_direct,
-    kept_answer_length,
-    salvage_truncated,
-    slot_random,
-)
+from engine.engines.decoding import Generated, loop_start, stop_ids
+from engine.selfstudy.conversation import self_study_conversation
+from engine.selfstudy.prompts import slot_random
 from engine.selfstudy.torch_backend import _synthesize_torch
 
 CONTEXT_MARGIN = 320  # template, seed prompt and headers on top of the chunk and the two turns
@@ -50,66 +38,36 @@ def context_size_for(chunks: Iterable, max_user_tokens: int, max_answer_tokens: 
     return min(limit, max(1024, -(-need // 256) * 256))
 
 
-def self_study_conversation(engine: LlamaCppEngine, tokenizer, chunk, seeds: dict[str, list[str]], *,
-                            rng: random.Random, sampler: np.random.Generator, stop: set[int], k: int = 20,
-                            temperature: float = 0.6, max_user_tokens: int = 96,
-                            max_answer_tokens: int = 192) -> Conversation | None:
-    """One conversation for one chunk, or None when both user-turn attempts fail the filter.
+class LlamaCppTeacher:
+    """llama.cpp as a self-study `Teacher`. The engine must hold no cartridge (the teacher sees the chunk, not a
+    cartridge); its sequence is reused: whatever prefix the previous call left is kept as far as it matches,
+    so both turns of a conversation continue from the chunk's evaluated system prompt. The top-k rows come
+    from the very logits that chose each greedy token: no second pass."""
 
-    The engine must hold no cartridge (the teacher sees the chunk, not a cartridge); its sequence is
-    reused: whatever prefix the previous call left is kept as far as it matches.
-    """
-    system = {"role": "system", "content": chunk_system_prompt(chunk)}
-    user, seed_type, seed_text = "", "", ""
-    for _attempt in range(2):
-        seed_type, seed_text = draw_seed(seeds, rng, avoid=seed_text)
-        if is_direct(seed_text):
-            user = fill_seed(seed_text, chunk, rng) or ""
-            if user:
-                break
-            continue
-        prompt = chat_ids(tokenizer, [system, {"role": "user", "content": seed_text}], add_generation_prompt=True)
-        turn = engine.generate_stats(prompt, max_user_tokens, temperature, stop, rng=sampler)
-        message, finished = clean_user_message(tokenizer.decode(turn.tokens, skip_special_tokens=True)), turn.stopped
-        if not finished and (cut := salvage_truncated(message)) is not None:
-            message, finished = clean_user_message(cut), True  # the question a long message started with
-        if not is_bad_user_message(message, seed_text, finished):
-            user = message
-            break
-    if not user:
-        return None
+    def __init__(self, engine: LlamaCppEngine, sampler: np.random.Generator):
+        self.engine = engine
+        self.sampler = sampler  # the conversation's own stream for sampled user turns
 
-    rows_ids: list[np.ndarray] = []
-    rows_lp: list[np.ndarray] = []
-    chosen: list[int] = []
+    def generate(self, prompt: list[int], max_tokens: int, *, temperature: float, k: int = 0,
+                 stop_ids: set[int] | None = None) -> Generated:
+        if not k:
+            out = self.engine.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=self.sampler)
+            return Generated(list(out.tokens), out.stopped)
+        rows_ids: list[np.ndarray] = []
+        rows_lp: list[np.ndarray] = []
+        so_far: list[int] = []
 
-    def keep_topk(logits: np.ndarray) -> None:
-        ids, lp = topk_logprobs(logits, k)
-        rows_ids.append(ids)
-        rows_lp.append(lp)
-        chosen.append(int(np.argmax(logits)))  # the greedy choice, stop token included
+        def keep_topk(logits: np.ndarray) -> None:
+            ids, lp = topk_logprobs(logits, k)
+            rows_ids.append(ids)
+            rows_lp.append(lp)
 
-    prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
-    so_far: list[int] = []
-    answer = engine.generate_stats(prompt, max_answer_tokens, 0.0, stop, on_token=so_far.append, on_logits=keep_topk,
-                                   should_stop=lambda: loop_start(so_far) is not None)
-    answer_ids = list(answer.tokens)
-    keep = kept_answer_length(answer_ids)
-    if keep is None:
-        return None
-    if keep < len(answer_ids):
-        answer_ids = answer_ids[:keep]  # cut where it started looping
-    elif answer.stopped:  # the stop token closes the answer; its row was recorded by keep_topk
-        answer_ids.append(chosen[len(answer_ids)])
-    if not answer_ids:
-        return None
-    n = len(answer_ids)
-    assert chosen[:n] == answer_ids
-    files, hashes = chunk_sources(chunk)
-    return Conversation(user=user, answer_ids=np.asarray(answer_ids, np.int32),
-                        topk_ids=np.stack(rows_ids[:n]).astype(np.int32),
-                        topk_logprobs=np.stack(rows_lp[:n]).astype(np.float16),
-                        files=files, file_hashes=hashes, seed_type=seed_type, slot=getattr(chunk, "slot", None))
+        out = self.engine.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=self.sampler,
+                                         on_token=so_far.append, on_logits=keep_topk,
+                                         should_stop=lambda: loop_start(so_far) is not None)
+        if not rows_ids:
+            return Generated(list(out.tokens), out.stopped, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        return Generated(list(out.tokens), out.stopped, np.stack(rows_ids), np.stack(rows_lp))
 
 
 def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterable, n: int, *,
@@ -139,8 +97,8 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
             break
         rng, sampler = slot_random(seed, chunk, index)
         conversation = self_study_conversation(
-            engine, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k, temperature=temperature,
-            max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
+            LlamaCppTeacher(engine, sampler), tokenizer, chunk, seeds, rng=rng, stop=stop, k=k,
+            temperature=temperature, max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
         if conversation is None:
             continue
         yield conversation

@@ -8,7 +8,6 @@ slot order and an interrupted run resumes after the last saved slot, as with the
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,69 +15,26 @@ from itertools import islice
 
 import numpy as np
 
-from engine.engines.decoding import stop_ids
-from engine.engines.models import chat_ids
+from engine.engines.decoding import Generated, stop_ids
 from engine.engines.server import ServerClient
 from engine.errors import UserError
 from engine.selfstudy.conversations import Conversation
-from engine.selfstudy.prompts import (
-    chunk_sources,
-    chunk_system_prompt,
-    clean_user_message,
-    draw_seed,
-    fill_seed,
-    is_bad_user_message,
-    is_direct,
-    kept_answer_length,
-    salvage_truncated,
-    slot_random,
-)
+from engine.selfstudy.conversation import self_study_conversation
+from engine.selfstudy.prompts import slot_random
 
 
-def server_conversation(client: ServerClient, tokenizer, chunk, seeds: dict[str, list[str]], *, rng: random.Random,
-                        stop: set[int], k: int = 20, temperature: float = 0.6, max_user_tokens: int = 96,
-                        max_answer_tokens: int = 192) -> Conversation | None:
-    """One conversation for one chunk, or None when both user-turn attempts fail the filter."""
-    system = {"role": "system", "content": chunk_system_prompt(chunk)}
-    user, seed_type, seed_text = "", "", ""
-    for _attempt in range(2):
-        seed_type, seed_text = draw_seed(seeds, rng, avoid=seed_text)
-        if is_direct(seed_text):
-            user = fill_seed(seed_text, chunk, rng) or ""
-            if user:
-                break
-            continue
-        prompt = chat_ids(tokenizer, [system, {"role": "user", "content": seed_text}], add_generation_prompt=True)
-        turn = client.generate(prompt, max_user_tokens, temperature=temperature, seed=rng.randrange(2**31),
-                               stop_ids=stop)
-        message, finished = clean_user_message(tokenizer.decode(turn.tokens, skip_special_tokens=True)), turn.stopped
-        if not finished and (cut := salvage_truncated(message)) is not None:
-            message, finished = clean_user_message(cut), True
-        if not is_bad_user_message(message, seed_text, finished):
-            user = message
-            break
-    if not user:
-        return None
+class ServerTeacher:
+    """An inference server as a self-study `Teacher`; sampled user turns take their seed from the
+    conversation's own stream, so a conversation is the same whenever it is made."""
 
-    prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
-    answer = client.generate(prompt, max_answer_tokens, temperature=0.0, k=k, stop_ids=stop)
-    answer_ids = list(answer.tokens)
-    keep = kept_answer_length(answer_ids)
-    if keep is None or answer.topk_ids is None:
-        return None
-    rows_ids, rows_lp = answer.topk_ids, answer.topk_logprobs
-    if keep < len(answer_ids):
-        answer_ids = answer_ids[:keep]  # cut where it started looping
-    elif answer.stopped:  # the stop token closes the answer, with its own row
-        answer_ids.append(int(rows_ids[len(answer_ids)][0]))
-    if not answer_ids:
-        return None
-    n = len(answer_ids)
-    files, hashes = chunk_sources(chunk)
-    return Conversation(user=user, answer_ids=np.asarray(answer_ids, np.int32),
-                        topk_ids=np.asarray(rows_ids[:n], np.int32),
-                        topk_logprobs=np.asarray(rows_lp[:n], np.float16),
-                        files=files, file_hashes=hashes, seed_type=seed_type, slot=getattr(chunk, "slot", None))
+    def __init__(self, client: ServerClient, sampler: np.random.Generator):
+        self.client = client
+        self.sampler = sampler
+
+    def generate(self, prompt: list[int], max_tokens: int, *, temperature: float, k: int = 0,
+                 stop_ids: set[int] | None = None) -> Generated:
+        return self.client.generate(prompt, max_tokens, temperature=temperature, k=k, stop_ids=stop_ids,
+                                    seed=int(self.sampler.integers(2**31)))
 
 
 def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: int, *, seeds: dict[str, list[str]],
@@ -96,9 +52,10 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
 
     def one(index_chunk):
         index, chunk = index_chunk
-        rng, _ = slot_random(seed, chunk, index)
-        return server_conversation(client, tokenizer, chunk, seeds, rng=rng, stop=stop, k=k, temperature=temperature,
-                                   max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
+        rng, sampler = slot_random(seed, chunk, index)
+        return self_study_conversation(ServerTeacher(client, sampler), tokenizer, chunk, seeds, rng=rng, stop=stop, k=k,
+                                       temperature=temperature, max_user_tokens=max_user_tokens,
+                                       max_answer_tokens=max_answer_tokens)
 
     produced = 0
     items = enumerate(chunks)
