@@ -53,6 +53,7 @@ class ServerClient:
         self.kind = kind or self._detect()
         if self.kind not in KINDS:
             raise ServerError(f"unknown server kind {self.kind!r} (one of {', '.join(KINDS)})")
+        self._complete = {"llama.cpp": self._llama, "vllm": self._vllm, "sglang": self._sglang}[self.kind]
         self.model = model or self._served_model()
 
     # ------------------------------------------------------------------ HTTP
@@ -147,28 +148,17 @@ class ServerClient:
 
         With `k`, the top-k log-probabilities (ids and values) come with every generated token, and with the
         stop token when the answer ended on it."""
-        if self.kind == "llama.cpp":
-            out = self._llama(prompt, max_tokens, temperature, k, seed)
-        elif self.kind == "vllm":
-            out = self._vllm(prompt, max_tokens, temperature, k, seed)
-        else:
-            out = self._sglang(prompt, max_tokens, temperature, k, seed)
+        out = self._complete(prompt, max_tokens, temperature, k, seed)
         if stop_ids and out.tokens and out.tokens[-1] in stop_ids:  # a server that returns the stop token itself
             out.tokens.pop()
             out.stopped = True
-        if k and out.stopped and (out.topk_ids is None or len(out.topk_ids) == len(out.tokens)):
-            row_ids, row_lp = self._next_row(prompt + out.tokens, k, seed)  # the stop token's own row
-            out.topk_ids = row_ids[None] if out.topk_ids is None or not len(out.topk_ids) else \
-                np.concatenate([out.topk_ids, row_ids[None]])
-            out.topk_logprobs = row_lp[None] if out.topk_logprobs is None or not len(out.topk_logprobs) else \
-                np.concatenate([out.topk_logprobs, row_lp[None]])
+        if k and out.stopped and len(out.topk_ids) == len(out.tokens):  # the stop token's own row is missing
+            row = self._complete(prompt + out.tokens, 1, 0.0, k, seed)
+            if not len(row.topk_ids):
+                raise ServerError(f"{self.url} returned no log-probabilities for the token after an answer")
+            out.topk_ids = np.concatenate([out.topk_ids, row.topk_ids[:1]])
+            out.topk_logprobs = np.concatenate([out.topk_logprobs, row.topk_logprobs[:1]])
         return out
-
-    def _next_row(self, prompt: list[int], k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        out = {"llama.cpp": self._llama, "vllm": self._vllm, "sglang": self._sglang}[self.kind](prompt, 1, 0.0, k, seed)
-        if out.topk_ids is None or not len(out.topk_ids):
-            raise ServerError(f"{self.url} returned no log-probabilities for the token after an answer")
-        return out.topk_ids[0], out.topk_logprobs[0]
 
     def _llama(self, prompt, max_tokens, temperature, k, seed) -> Generated:
         body = {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed,
