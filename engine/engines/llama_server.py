@@ -97,8 +97,7 @@ def ensure_built(say: Callable[[str], None] = print) -> Path:
                      "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
                      "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
                      "-DLLAMA_OPENSSL=OFF", *wanted["flags"]]
-        if shutil.which("ninja") or Path(_tool("ninja")).exists():
-            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
+        configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
         for step in (configure, [cmake, "--build", str(build), "--target", "llama-server",
                                  "-j", str(os.cpu_count() or 2)]):
             done = subprocess.run(step, capture_output=True, text=True)
