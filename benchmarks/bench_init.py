@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cartridge.format import init_embeddings
     from engine.corpus.chunks import ChunkSampler, assemble, version_documents
     from engine.engines.decoding import contains_all
-    from engine.serve.evaluate import EVAL_DECODING, LlamaCppScorer, read_qa
+    from engine.serve.evaluate import EVAL_DECODING, Scorer, read_qa
     from engine.corpus.ingest import ingest
     from engine.engines.llamacpp import LlamaCppEngine
+    from engine.engines.llamacpp_inference import LlamaCppInference
     from engine.engines.models import context_system_prompt, load_model
 
     db = registry.open_registry()
@@ -53,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     documents = version_documents(db, version)
     lm = load_model(None, None)
     sampler = ChunkSampler(documents)
-    llama = LlamaCppEngine(n_ctx=lm.max_positions)
+    llama = LlamaCppInference(LlamaCppEngine(n_ctx=lm.max_positions))
     qa = read_qa(args.qa)
     graded = [item for item in qa if item.get("expect")]
 
     def score(embeddings=None, system=None) -> dict:
-        scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system)
+        scorer = Scorer(llama, lm.tokenizer, embeddings=embeddings, system=system)
         out = {"nll": round(sum(scorer.nll(i["question"], i["answer"]) for i in qa) / len(qa), 4)}
         if args.accuracy and graded:
             right = sum(contains_all(scorer.answer(i["question"], EVAL_DECODING), i["expect"]) for i in graded)

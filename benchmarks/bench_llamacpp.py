@@ -55,12 +55,13 @@ def torch_cartridge(lm, p: int):
 
 
 def bench_torch(lm, embeddings, prompt, new_tokens: int) -> dict:
-    from engine.cartridge.format import generate
+    from engine.engines.torch_engine import TorchEngine
 
+    engine = TorchEngine(lm)
+    engine.set_prefix(embeddings)
     marks: list[float] = []
     start = time.perf_counter()
-    out = generate(lm, embeddings, prompt, max_new_tokens=new_tokens, stop_ids=set(),
-                   on_token=lambda _t: marks.append(time.perf_counter()))
+    out = engine.generate(prompt, new_tokens, stop_ids=set(), on_token=lambda _t: marks.append(time.perf_counter())).tokens
     end = time.perf_counter()
     ttft = marks[0] - start
     decode = (len(out) - 1) / (end - marks[0]) if len(out) > 1 else 0.0

@@ -31,11 +31,11 @@ MODES = ("none", "icl", "cartridge")
 
 
 def run_mode(db, corpus: str, mode: str, engine: str | None, new_tokens: int, repeats: int, lm=None) -> dict:
-    from engine.serve.inference import TorchChat, open_chat, resolve
+    from engine.serve.inference import open_chat, resolve, torch_chat
 
     def fresh_chat():
         if lm is not None:  # torch: one model for every chat
-            return TorchChat(db, resolve(db, [corpus], mode=mode), lm=lm)
+            return torch_chat(db, resolve(db, [corpus], mode=mode), lm=lm)
         return open_chat(db, [corpus], mode=mode, engine=engine)
 
     rows = []

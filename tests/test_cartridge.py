@@ -14,7 +14,6 @@ from engine.cartridge.format import (
     cartridge_embeddings,
     compose,
     create_cartridge_model,
-    generate,
     init_ids,
     kv_bytes,
     kv_width,
@@ -25,6 +24,7 @@ from engine.cartridge.format import (
 )
 from engine.errors import CartridgeMismatch
 from engine.engines.models import chat_ids
+from engine.engines.torch_engine import TorchEngine
 from tests.tiny_model import shared_tiny_lm, tiny_lm
 
 TEXT = (
@@ -164,6 +164,12 @@ def test_refuses_corrupt_or_foreign_folder(tmp_path, damage):
     assert "\n" not in str(info.value)
 
 
+def generate(lm, embeddings, prompt: list[int], max_new_tokens: int) -> list[int]:
+    engine = TorchEngine(lm)
+    engine.set_prefix(embeddings)
+    return engine.generate(prompt, max_new_tokens, stop_ids=set()).tokens
+
+
 def test_compose_keeps_one_sink_and_generates():
     lm = shared_tiny_lm()
     a = Cartridge(cartridge_embeddings(create_cartridge_model(lm, 10, TEXT)), {}, None)
@@ -171,7 +177,7 @@ def test_compose_keeps_one_sink_and_generates():
     both = compose([a, b])
     assert both.shape == (10 + 7 - 1, kv_width(lm))
     assert torch.equal(both[:10], a.embeddings) and torch.equal(both[10:], b.embeddings[1:])
-    out = generate(lm, both, _question(lm), max_new_tokens=4, stop_ids=set())
+    out = generate(lm, both, _question(lm), 4)
     assert len(out) == 4 and all(isinstance(t, int) for t in out)
 
 
@@ -181,8 +187,8 @@ def test_generation_starts_at_position_p():
     p = 16
     emb = cartridge_embeddings(create_cartridge_model(lm, p, TEXT))
     q = _question(lm)
-    with_cart = generate(lm, emb, q, max_new_tokens=6, stop_ids=set())
-    in_context = generate(lm, None, init_ids(lm, p, TEXT) + q, max_new_tokens=6, stop_ids=set())
+    with_cart = generate(lm, emb, q, 6)
+    in_context = generate(lm, None, init_ids(lm, p, TEXT) + q, 6)
     assert with_cart == in_context
 
 

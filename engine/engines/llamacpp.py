@@ -804,10 +804,10 @@ class LlamaCppEngine:
     def generate_stats(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                        stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
                        rng: np.random.Generator | None = None, on_logits: Callable[[np.ndarray], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> GenerationStats:
+                       should_stop: Callable[[], bool] | None = None, guard=None) -> GenerationStats:
         """`generate` returning the full GenerationStats (tokens, timings, whether a stop token ended it)."""
         return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                              should_stop)
+                              should_stop, guard)
 
     def _generate(self, prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
                   should_stop, guard=None) -> GenerationStats:

@@ -1,18 +1,18 @@
-"""One self-study conversation, written once over any teacher that generates with top-k log-probabilities:
-llama.cpp in its worker process (`llamacpp_backend`) or an inference server (`server_backend`). The torch
-backend decodes many conversations as one batch and keeps its own loop (`torch_backend`), with the same
-prompts and filters.
+"""One self-study conversation, written once over any inference engine (`engine.engines.base`) as the
+teacher: llama.cpp in its worker process (`llamacpp_backend`) or an inference server (`server_backend`).
+The torch backend decodes many conversations as one padded batch, which one-at-a-time generation cannot
+match on a GPU, so it keeps its own loop (`torch_backend`) with the same prompts and filters.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Protocol
 
 import numpy as np
 
+from engine.engines.base import InferenceEngine
+from engine.engines.decoding import loop_start
 from engine.engines.models import chat_ids
-from engine.engines.decoding import Generated
 from engine.selfstudy.conversations import Conversation
 from engine.selfstudy.prompts import (
     chunk_sources,
@@ -27,18 +27,12 @@ from engine.selfstudy.prompts import (
 )
 
 
-class Teacher(Protocol):
-    def generate(self, prompt: list[int], max_tokens: int, *, temperature: float, k: int = 0,
-                 stop_ids: set[int] | None = None) -> Generated:
-        """Continue `prompt` (token ids; sampled at `temperature`, greedy at 0). With `k`, the top-k rows of
-        every generated token, and of the stop token when the answer ended on it. A greedy answer may end
-        early where it starts looping (what follows is cut anyway)."""
-
-
-def self_study_conversation(teacher: Teacher, tokenizer, chunk, seeds: dict[str, list[str]], *, rng: random.Random,
-                            stop: set[int], k: int = 20, temperature: float = 0.6, max_user_tokens: int = 96,
+def self_study_conversation(teacher: InferenceEngine, tokenizer, chunk, seeds: dict[str, list[str]], *,
+                            rng: random.Random, sampler: np.random.Generator, stop: set[int], k: int = 20,
+                            temperature: float = 0.6, max_user_tokens: int = 96,
                             max_answer_tokens: int = 192) -> Conversation | None:
-    """One conversation for one chunk, or None when both user-turn attempts fail the filter.
+    """One conversation for one chunk, or None when both user-turn attempts fail the filter. The teacher
+    holds no prefix (it sees the chunk in its prompt); `rng` draws the seeds, `sampler` the sampled tokens.
 
     The user turn is a filled seed template, or a message the teacher writes from a seed prompt (sampled;
     cleaned and filtered, one retry); the answer is the teacher's greedy answer with its top-k rows, cut
@@ -54,7 +48,7 @@ def self_study_conversation(teacher: Teacher, tokenizer, chunk, seeds: dict[str,
                 break
             continue
         prompt = chat_ids(tokenizer, [system, {"role": "user", "content": seed_text}], add_generation_prompt=True)
-        turn = teacher.generate(prompt, max_user_tokens, temperature=temperature, stop_ids=stop)
+        turn = teacher.generate(prompt, max_user_tokens, temperature=temperature, stop_ids=stop, rng=sampler)
         message, finished = clean_user_message(tokenizer.decode(turn.tokens, skip_special_tokens=True)), turn.stopped
         if not finished and (cut := salvage_truncated(message)) is not None:
             message, finished = clean_user_message(cut), True  # the question a long message started with
@@ -65,7 +59,9 @@ def self_study_conversation(teacher: Teacher, tokenizer, chunk, seeds: dict[str,
         return None
 
     prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
-    answer = teacher.generate(prompt, max_answer_tokens, temperature=0.0, k=k, stop_ids=stop)
+    so_far: list[int] = []  # the answer ends where it starts looping (what follows is cut anyway)
+    answer = teacher.generate(prompt, max_answer_tokens, temperature=0.0, k=k, stop_ids=stop, rng=sampler,
+                              on_token=so_far.append, should_stop=lambda: loop_start(so_far) is not None)
     answer_ids = list(answer.tokens)
     keep = kept_answer_length(answer_ids)
     if keep is None or answer.topk_ids is None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 
 from engine.selfstudy.conversations import Conversation
 from engine.errors import UserError
-from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine, topk_logprobs
+from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine
+from engine.engines.llamacpp_inference import LlamaCppInference
 from engine.engines.llamacpp_worker import LlamaCppProcess
-from engine.engines.decoding import Generated, loop_start, stop_ids
+from engine.engines.decoding import stop_ids
 from engine.selfstudy.conversation import self_study_conversation
 from engine.selfstudy.prompts import slot_random
 from engine.selfstudy.torch_backend import _synthesize_torch
@@ -36,38 +36,6 @@ def context_size_for(chunks: Iterable, max_user_tokens: int, max_answer_tokens: 
                    for c in chunks), default=0) or 2048
     need = longest + max(max_user_tokens, 128) + max_answer_tokens + CONTEXT_MARGIN
     return min(limit, max(1024, -(-need // 256) * 256))
-
-
-class LlamaCppTeacher:
-    """llama.cpp as a self-study `Teacher`. The engine must hold no cartridge (the teacher sees the chunk, not a
-    cartridge); its sequence is reused: whatever prefix the previous call left is kept as far as it matches,
-    so both turns of a conversation continue from the chunk's evaluated system prompt. The top-k rows come
-    from the very logits that chose each greedy token: no second pass."""
-
-    def __init__(self, engine: LlamaCppEngine, sampler: np.random.Generator):
-        self.engine = engine
-        self.sampler = sampler  # the conversation's own stream for sampled user turns
-
-    def generate(self, prompt: list[int], max_tokens: int, *, temperature: float, k: int = 0,
-                 stop_ids: set[int] | None = None) -> Generated:
-        if not k:
-            out = self.engine.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=self.sampler)
-            return Generated(list(out.tokens), out.stopped)
-        rows_ids: list[np.ndarray] = []
-        rows_lp: list[np.ndarray] = []
-        so_far: list[int] = []
-
-        def keep_topk(logits: np.ndarray) -> None:
-            ids, lp = topk_logprobs(logits, k)
-            rows_ids.append(ids)
-            rows_lp.append(lp)
-
-        out = self.engine.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=self.sampler,
-                                         on_token=so_far.append, on_logits=keep_topk,
-                                         should_stop=lambda: loop_start(so_far) is not None)
-        if not rows_ids:
-            return Generated(list(out.tokens), out.stopped, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
-        return Generated(list(out.tokens), out.stopped, np.stack(rows_ids), np.stack(rows_lp))
 
 
 def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterable, n: int, *,
@@ -89,7 +57,8 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
             chunks = list(chunks)
         size = n_ctx or context_size_for(chunks, max_user_tokens, max_answer_tokens)
         engine = LlamaCppProcess(model_path, n_ctx=size)
-    engine.clear()
+    teacher = LlamaCppInference(engine)
+    teacher.set_prefix()  # nothing in front: the teacher sees the chunk in its prompt
     stop = stop_ids(tokenizer)
     produced = 0
     for index, chunk in enumerate(chunks):
@@ -97,7 +66,7 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
             break
         rng, sampler = slot_random(seed, chunk, index)
         conversation = self_study_conversation(
-            LlamaCppTeacher(engine, sampler), tokenizer, chunk, seeds, rng=rng, stop=stop, k=k,
+            teacher, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k,
             temperature=temperature, max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
         if conversation is None:
             continue

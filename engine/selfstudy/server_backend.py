@@ -13,28 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
-import numpy as np
-
-from engine.engines.decoding import Generated, stop_ids
+from engine.engines.decoding import stop_ids
 from engine.engines.server import ServerClient
+from engine.engines.server_engine import ServerInference
 from engine.errors import UserError
 from engine.selfstudy.conversations import Conversation
 from engine.selfstudy.conversation import self_study_conversation
 from engine.selfstudy.prompts import slot_random
-
-
-class ServerTeacher:
-    """An inference server as a self-study `Teacher`; sampled user turns take their seed from the
-    conversation's own stream, so a conversation is the same whenever it is made."""
-
-    def __init__(self, client: ServerClient, sampler: np.random.Generator):
-        self.client = client
-        self.sampler = sampler
-
-    def generate(self, prompt: list[int], max_tokens: int, *, temperature: float, k: int = 0,
-                 stop_ids: set[int] | None = None) -> Generated:
-        return self.client.generate(prompt, max_tokens, temperature=temperature, k=k, stop_ids=stop_ids,
-                                    seed=int(self.sampler.integers(2**31)))
 
 
 def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: int, *, seeds: dict[str, list[str]],
@@ -49,11 +34,12 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
     if n <= 0:
         return
     stop = stop_ids(tokenizer)
+    teacher = ServerInference(client)  # holds no prefix; shared by the threads (the client is thread-safe)
 
     def one(index_chunk):
         index, chunk = index_chunk
         rng, sampler = slot_random(seed, chunk, index)
-        return self_study_conversation(ServerTeacher(client, sampler), tokenizer, chunk, seeds, rng=rng, stop=stop, k=k,
+        return self_study_conversation(teacher, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k,
                                        temperature=temperature, max_user_tokens=max_user_tokens,
                                        max_answer_tokens=max_answer_tokens)
 

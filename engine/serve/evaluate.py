@@ -12,14 +12,13 @@ with the reason under "skipped".
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.store import registry
-from engine.cartridge.format import compose, generate, init_embeddings, kv_bytes, load_cartridge, prefix_embeddings, to_cache
+from engine.cartridge.format import compose, init_embeddings, load_cartridge
 from engine.corpus.chunks import ChunkSampler, assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
@@ -60,107 +59,63 @@ def read_qa(path: str | Path) -> list[dict]:
 
 
 class Scorer:
-    """Scores answers after a fixed prefix: a cartridge, the corpus as system prompt (prefilled once), or none."""
+    """Scores answers over any inference engine after a fixed prefix: a cartridge, the corpus as system
+    prompt (evaluated once), or none; rag builds a system prompt per question (`context`)."""
 
-    def __init__(self, lm: LoadedModel, *, embeddings: torch.Tensor | None = None, system: str | None = None,
+    def __init__(self, engine, tokenizer, *, embeddings: torch.Tensor | None = None, system: str | None = None,
                  context: Callable[[str], str] | None = None):
-        self.lm, self.system, self.context = lm, system, context
+        self.engine, self.tokenizer, self.system, self.context = engine, tokenizer, system, context
         self.skip = 0  # leading prompt tokens already held by the prefix
-        self.prefix = embeddings
+        self.system_ids: list[int] = []
         if system is not None:
-            system_ids = chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False)
-            self.prefix, self.skip = prefix_embeddings(lm, system_ids), len(system_ids)
-            self.system_ids = system_ids
+            self.system_ids = chat_ids(tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False)
+            self.skip = engine.set_prefix(system_ids=self.system_ids)
+        else:
+            engine.set_prefix(embeddings)
 
     def messages(self, question: str) -> list[dict]:
         """The prompt: a fixed system prompt (icl), one made for the question (`context`: rag), or none."""
         system = self.context(question) if self.context is not None else self.system
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
-    @torch.no_grad()
     def nll(self, question: str, answer: str) -> float:
-        lm = self.lm
         messages = self.messages(question)
-        prompt = chat_ids(lm.tokenizer, messages, add_generation_prompt=True)
-        full = chat_ids(lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
-        if full[:len(prompt)] != prompt or (self.skip and full[:self.skip] != self.system_ids):
+        prompt = chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+        full = chat_ids(self.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        if full[:len(prompt)] != prompt or full[:self.skip] != self.system_ids[:self.skip]:
             raise UserError("this model's chat template does not extend the prompt with the answer; cannot score")
-        rest = full[self.skip:]
-        n_prefix = 0 if self.prefix is None else self.prefix.shape[0]
-        cache = to_cache(self.prefix, lm) if self.prefix is not None else None
-        ids = torch.tensor([rest], device=lm.device)
-        mask = torch.ones(1, n_prefix + len(rest), dtype=torch.long, device=lm.device)
-        with lm.autocast():
-            logits = lm.model(input_ids=ids, attention_mask=mask, cache=cache,
-                              use_cache=cache is not None).logits[0].float()
-        first = len(prompt) - self.skip  # index in `rest` of the first answer token
-        logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
-        return float(-logprobs.gather(1, ids[0, first:, None]).mean())
+        return self.engine.score(full[self.skip:], len(prompt) - self.skip)
 
     def answer(self, question: str, decoding: Decoding) -> str:
         """The answer generated after the prefix, decoded exactly as chat decodes (loop guard included)."""
         guard = LoopGuard(decoding.no_repeat_ngram)
-        rest = chat_ids(self.lm.tokenizer, self.messages(question), add_generation_prompt=True)[self.skip:]
-        self._generate(rest, decoding, guard)
-        return self.lm.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
+        rest = chat_ids(self.tokenizer, self.messages(question), add_generation_prompt=True)[self.skip:]
+        self.engine.generate(rest, decoding.max_new_tokens, temperature=decoding.temperature,
+                             stop_ids=stop_ids(self.tokenizer), guard=guard)
+        return self.tokenizer.decode(guard.kept(), skip_special_tokens=True).strip()
 
-    def _generate(self, ids: list[int], decoding: Decoding, guard: LoopGuard) -> None:
-        generate(self.lm, self.prefix, ids, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
-                 stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
-
-
-class LlamaCppScorer(Scorer):
-    """The same scores on llama.cpp (the GGUF as quantised): the prefix is written or evaluated once and
-    each question is evaluated after it with every position's logits."""
-
-    def __init__(self, lm: LoadedModel, llama, *, embeddings: torch.Tensor | None = None, system: str | None = None,
-                 context: Callable[[str], str] | None = None):
-        self.lm, self.llama, self.system, self.context, self.skip = lm, llama, system, context, 0
-        start = time.perf_counter()
-        llama.clear()
-        if embeddings is not None:
-            llama.inject(embeddings)
-        elif system is not None:
-            self.system_ids = chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False)
-            self.skip = llama.prefix_from_tokens(self.system_ids)
-        self.prefix_s = time.perf_counter() - start  # what a new chat pays before its prompt
-
-    def time_to_first_token(self, prompt_ids: list[int]) -> float:
-        """Seconds from nothing cached to the first token: the prefix's own time (the cartridge written or the
-        corpus evaluated, once, above) plus the prompt after it (the corpus is not evaluated a second time)."""
-        self.llama.truncate(0)
-        start = time.perf_counter()
-        int(self.llama.eval(prompt_ids[self.skip:]).argmax())
-        return self.prefix_s + time.perf_counter() - start
-
-    def nll(self, question: str, answer: str) -> float:
-        messages = self.messages(question)
-        prompt = chat_ids(self.lm.tokenizer, messages, add_generation_prompt=True)
-        full = chat_ids(self.lm.tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
-        rest = full[self.skip:]
-        self.llama.truncate(0)
-        logits = torch.from_numpy(self.llama.eval(rest, all_logits=True)).float()
-        first = len(prompt) - self.skip
-        logprobs = torch.log_softmax(logits[first - 1:-1], dim=-1)
-        return float(-logprobs.gather(1, torch.tensor(rest[first:])[:, None]).mean())
-
-    def _generate(self, ids: list[int], decoding: Decoding, guard: LoopGuard) -> None:
-        self.llama.generate(ids, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
-                            stop_ids=stop_ids(self.lm.tokenizer), guard=guard)
+    def first_token_s(self, question: str) -> float:
+        """Seconds from nothing cached to the first token of the answer to `question` (the prefix included)."""
+        rest = chat_ids(self.tokenizer, self.messages(question), add_generation_prompt=True)[self.skip:]
+        return self.engine.first_token_s(rest)
 
 
-@torch.no_grad()
-def time_to_first_token(lm: LoadedModel, embeddings: torch.Tensor | None, prompt_ids: list[int]) -> float:
-    """Seconds from nothing cached (beyond the cartridge) to the first generated token."""
-    start = time.perf_counter()
-    cache = to_cache(embeddings, lm) if embeddings is not None else None
-    n_prefix = 0 if embeddings is None else embeddings.shape[0]
-    mask = torch.ones(1, n_prefix + len(prompt_ids), dtype=torch.long, device=lm.device)
-    with lm.autocast():
-        logits = lm.model(input_ids=torch.tensor([prompt_ids], device=lm.device), attention_mask=mask,
-                          cache=cache, use_cache=True, logits_to_keep=1).logits
-    int(logits[0, -1].argmax())
-    return time.perf_counter() - start
+def _scoring_engine(lm: LoadedModel, requested: str | None, model: str | None):
+    """Like chat: llama.cpp for the bundled GGUF on a CPU (what answers the user), torch otherwise."""
+    from engine.engines.torch_engine import TorchEngine
+    from engine.serve.inference import choose_engine
+
+    if choose_engine(requested, model) == "llama.cpp" and (requested == "llama.cpp" or lm.device.type == "cpu"):
+        from engine.engines.llamacpp import LayoutUnsupported
+        from engine.engines.llamacpp_inference import LlamaCppInference
+        from engine.engines.llamacpp_worker import LlamaCppProcess
+
+        try:
+            return LlamaCppInference(LlamaCppProcess(n_ctx=lm.max_positions))
+        except LayoutUnsupported:
+            if requested == "llama.cpp":
+                raise
+    return TorchEngine(lm)
 
 
 def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...] = EVAL_MODES,
@@ -189,19 +144,6 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             except (OSError, ValueError):
                 pass
     lm = load_model(model, device)
-    llama = None
-    from engine.serve.inference import choose_engine
-
-    # Like chat: llama.cpp for the bundled GGUF on a CPU (what answers the user), torch otherwise.
-    if choose_engine(engine, model) == "llama.cpp" and (engine == "llama.cpp" or lm.device.type == "cpu"):
-        from engine.engines.llamacpp import LayoutUnsupported
-        from engine.engines.llamacpp_worker import LlamaCppProcess
-
-        try:
-            llama = LlamaCppProcess(n_ctx=lm.max_positions)
-        except LayoutUnsupported:
-            if engine == "llama.cpp":
-                raise
     if cartridge_folder is not None:
         cartridge = load_cartridge(Path(cartridge_folder), lm)
     documents = version_documents(db, row)
@@ -217,9 +159,10 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             raise UserError("--rag-tokens must be at least 1")
         budget = rag_tokens or (cartridge.p if cartridge is not None else _cartridge_p(row))
 
-        def context(question: str) -> str:
+        def rag_context(question: str) -> str:
             count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
             return rag_system_prompt(retrieve(db, [row], question, budget, count))
+        context = rag_context
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)
         how = (cartridge.meta.get("training") or {}).get("train", {}).get("init", "first")
@@ -227,44 +170,42 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     graded = [item for item in qa if item.get("expect")]
     results: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    for mode in modes:
-        system = context_system_prompt(corpus_text) if mode == "icl" else None
-        embeddings = prefixes.get(mode)
-        if system is not None:
-            n_system = len(chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False))
-            if n_system + 512 > lm.max_positions:
-                skipped[mode] = (f"the corpus ({n_system:,} tokens) does not fit the model's context "
-                                 f"({lm.max_positions:,} positions)")
-                continue
-        asks = context if mode in RAG_MODES else None
-        if llama is not None:
-            scorer = LlamaCppScorer(lm, llama, embeddings=embeddings, system=system, context=asks)
-        else:
-            scorer = Scorer(lm, embeddings=embeddings, system=system, context=asks)
-        scores, generated = [], []
-        for i, item in enumerate(qa):
-            scores.append(scorer.nll(item["question"], item["answer"]))
-            if on_progress:
-                on_progress(mode, i + 1, len(qa) + len(graded))
-        for i, item in enumerate(graded):
-            text = scorer.answer(item["question"], decoding)
-            generated.append({"question": item["question"], "answer": text, "correct": contains_all(text, item["expect"])})
-            if on_progress:
-                on_progress(mode, len(qa) + i + 1, len(qa) + len(graded))
-        first_prompt = chat_ids(lm.tokenizer, scorer.messages(qa[0]["question"]), add_generation_prompt=True)
-        prefix_len = embeddings.shape[0] if embeddings is not None else 0
-        results[mode] = {
-            "nll": round(sum(scores) / len(scores), 4),
-            "kv_bytes": kv_bytes(prefix_len + len(first_prompt), lm),
-            "ttft_s": round(time_to_first_token(lm, embeddings, first_prompt) if llama is None
-                            else scorer.time_to_first_token(first_prompt), 4),
-            "per_question": [round(s, 4) for s in scores],
-        }
-        if generated:
-            results[mode]["accuracy"] = round(sum(g["correct"] for g in generated) / len(generated), 4)
-            results[mode]["answers"] = generated
-    if llama is not None:
-        llama.close()  # its worker process ends here
+    runner = _scoring_engine(lm, engine, model)
+    try:
+        for mode in modes:
+            system = context_system_prompt(corpus_text) if mode == "icl" else None
+            embeddings = prefixes.get(mode)
+            if system is not None:
+                n_system = len(chat_ids(lm.tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False))
+                if n_system + 512 > lm.max_positions:
+                    skipped[mode] = (f"the corpus ({n_system:,} tokens) does not fit the model's context "
+                                     f"({lm.max_positions:,} positions)")
+                    continue
+            asks = context if mode in RAG_MODES else None
+            scorer = Scorer(runner, lm.tokenizer, embeddings=embeddings, system=system, context=asks)
+            scores, generated = [], []
+            for i, item in enumerate(qa):
+                scores.append(scorer.nll(item["question"], item["answer"]))
+                if on_progress:
+                    on_progress(mode, i + 1, len(qa) + len(graded))
+            for i, item in enumerate(graded):
+                text = scorer.answer(item["question"], decoding)
+                generated.append({"question": item["question"], "answer": text, "correct": contains_all(text, item["expect"])})
+                if on_progress:
+                    on_progress(mode, len(qa) + i + 1, len(qa) + len(graded))
+            first_prompt = chat_ids(lm.tokenizer, scorer.messages(qa[0]["question"]), add_generation_prompt=True)
+            prefix_len = embeddings.shape[0] if embeddings is not None else 0
+            results[mode] = {
+                "nll": round(sum(scores) / len(scores), 4),
+                "kv_bytes": runner.kv_bytes(prefix_len + len(first_prompt)),
+                "ttft_s": round(scorer.first_token_s(qa[0]["question"]), 4),
+                "per_question": [round(s, 4) for s in scores],
+            }
+            if generated:
+                results[mode]["accuracy"] = round(sum(g["correct"] for g in generated) / len(generated), 4)
+                results[mode]["answers"] = generated
+    finally:
+        runner.close()  # a llama.cpp worker process ends here
     recovered = None
     if {"none", "icl", "cartridge"} <= set(results):
         gain = results["none"]["nll"] - results["icl"]["nll"]
@@ -272,5 +213,5 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
             recovered = round((results["none"]["nll"] - results["cartridge"]["nll"]) / gain, 4)
     return {"corpus": corpus["name"], "version": row["number"], "questions": len(qa), "graded": len(graded),
             "answer_tokens": decoding.max_new_tokens, "model": lm.spec,
-            "engine": "llama.cpp" if llama is not None else "torch", "modes": results, "recovered": recovered,
+            "engine": runner.name, "modes": results, "recovered": recovered,
             "skipped": skipped}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.store import registry
-from engine.cartridge.format import Cartridge, compose, generate, kv_bytes, load_cartridge
+from engine.cartridge.format import compose, load_cartridge
 from engine.corpus.chunks import assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
@@ -119,21 +119,26 @@ def _cartridge_p(version: dict) -> int:
     return int(info["p"]) if info and info["p"] else PRESETS["quick"].p_for(int(version.get("tokens") or 0))
 
 
-class _Chat:
-    """What both engines share: the prompt (system prompt for icl), fit checks, streaming and timing."""
+class Chat:
+    """A chat over any inference engine (`engine.engines.base`): the prompt (system prompt for icl, retrieved
+    passages for rag), fit checks, streaming and timing. Cartridge modes put the (composed) cartridge in
+    front once; every turn is a prompt after it."""
 
-    engine = "?"
-
-    def __init__(self, db, target: Target, tokenizer, max_positions: int):
-        self.target, self.tokenizer, self.max_positions = target, tokenizer, max_positions
+    def __init__(self, db, target: Target, engine, tokenizer, embeddings=None):
+        self.target, self.engine, self.tokenizer = target, engine, tokenizer
+        self.max_positions = engine.n_ctx
         self.system: str | None = None
         self.sources: list[dict] = []
         if target.mode == "icl":
             text = "".join(assemble(version_documents(db, v)) for v in target.versions)
             self.system = context_system_prompt(text)
         self.stop_ids = stop_ids(tokenizer)
+        self.prefix_tokens = engine.set_prefix(embeddings) if embeddings is not None else 0
 
-    prefix_tokens = 0
+    @property
+    def llama(self):
+        """The llama.cpp worker, when the engine is llama.cpp (None otherwise)."""
+        return getattr(self.engine, "llama", None)
 
     def retrieve(self, question: str) -> str:
         """The rag system prompt for `question` (and the passages' sources, kept for the reply)."""
@@ -164,12 +169,6 @@ class _Chat:
             raise UserError(f"{what} needs {needed:,} positions but the model has {self.max_positions:,}: "
                             "use a cartridge, or start a new chat")
 
-    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float, on_token, guard: LoopGuard) -> None:
-        raise NotImplementedError
-
-    def kv_bytes(self, n_tokens: int) -> int:
-        raise NotImplementedError
-
     def reply(self, messages: list[dict], *, max_new_tokens: int = DEFAULT_DECODING.max_new_tokens,
               temperature: float = DEFAULT_DECODING.temperature, no_repeat_ngram: int = DEFAULT_DECODING.no_repeat_ngram,
               on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Reply:
@@ -199,11 +198,12 @@ class _Chat:
                 on_text(text[len(shown):])
                 shown = text
             if should_stop and should_stop():
-                raise _Stop
+                raise _Stop  # unwinds the engine's call at once (in a worker process too)
 
         guard = LoopGuard(no_repeat_ngram)
         try:
-            self._generate(ids, max_new_tokens, temperature, on_token, guard)
+            self.engine.generate(ids, max_new_tokens, temperature=temperature, stop_ids=self.stop_ids,
+                                 on_token=on_token, guard=guard)
         except _Stop:
             pass
         end = time.perf_counter()
@@ -218,59 +218,42 @@ class _Chat:
             answer=answer.strip(), mode=self.target.mode, cartridges=[str(f) for f in self.target.cartridge_folders],
             ttft_s=round(ttft, 4),
             tokens_per_s=round((n_generated - 1) / decode_s, 2) if n_generated > 1 and decode_s else 0.0,
-            kv_bytes=self.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
+            kv_bytes=self.engine.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
             versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
-            engine=self.engine, sources=list(self.sources),
+            engine=self.engine.name, sources=list(self.sources),
         )
 
 
-class TorchChat(_Chat):
-    """Generation with transformers; the cartridge (or composed cartridges) is a fresh prefix cache per turn."""
+def torch_chat(db, target: Target, *, device: str | None = None, lm: LoadedModel | None = None) -> Chat:
+    """A chat on transformers; the cartridge (or composed cartridges) is a fresh prefix cache per turn."""
+    from engine.engines.torch_engine import TorchEngine
 
-    engine = "torch"
+    lm = lm or load_model(target.model_spec, device)
+    embeddings = None
+    if target.mode in CARTRIDGE_MODES:
+        embeddings = compose([load_cartridge(f, lm) for f in target.cartridge_folders])
+    return Chat(db, target, TorchEngine(lm), lm.tokenizer, embeddings)
 
-    def __init__(self, db, target: Target, *, device: str | None = None, lm: LoadedModel | None = None):
-        self.lm = lm or load_model(target.model_spec, device)
-        super().__init__(db, target, self.lm.tokenizer, self.lm.max_positions)
-        self.embeddings = None
+
+def llamacpp_chat(db, target: Target) -> Chat:
+    """A chat on llama.cpp with the GGUF, in its worker process (a native crash ends the worker, not the app):
+    the cartridge is written into the context once; each turn reuses whatever prompt prefix is evaluated."""
+    from engine.engines.llamacpp import template_prefix_ids
+    from engine.engines.llamacpp_inference import LlamaCppInference
+    from engine.engines.llamacpp_worker import LlamaCppProcess
+    from engine.engines.tokenizer import load_tokenizer
+    from engine.store.paths import default_model_path
+
+    tokenizer = load_tokenizer(None)
+    llama = LlamaCppProcess(default_model_path(), n_ctx=8192 if target.mode == "icl" else 4096)
+    try:
+        embeddings = None
         if target.mode in CARTRIDGE_MODES:
-            self.embeddings = compose([load_cartridge(f, self.lm) for f in target.cartridge_folders])
-            self.prefix_tokens = int(self.embeddings.shape[0])
-
-    def _generate(self, ids, max_new_tokens, temperature, on_token, guard) -> None:
-        generate(self.lm, self.embeddings, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 stop_ids=self.stop_ids, on_token=on_token, guard=guard)
-
-    def kv_bytes(self, n_tokens: int) -> int:
-        return kv_bytes(n_tokens, self.lm)
-
-
-class LlamaCppChat(_Chat):
-    """Generation with llama.cpp on the GGUF: the cartridge is written into the context once, as the state
-    of the sequence; each turn reuses whatever prompt prefix is already evaluated."""
-
-    engine = "llama.cpp"
-
-    def __init__(self, db, target: Target):
-        from engine.engines.llamacpp import template_prefix_ids
-        from engine.engines.llamacpp_worker import LlamaCppProcess
-        from engine.store.paths import default_model_path
-        from engine.engines.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(None)
-        n_ctx = 8192 if target.mode == "icl" else 4096
-        self.llama = LlamaCppProcess(default_model_path(), n_ctx=n_ctx)  # a native crash ends the worker, not the app
-        super().__init__(db, target, tokenizer, self.llama.n_ctx)
-        if target.mode in CARTRIDGE_MODES:
-            embeddings = compose([load_cartridge(f, self.llama) for f in target.cartridge_folders])
-            self.prefix_tokens = self.llama.inject(embeddings, warm_ids=template_prefix_ids(tokenizer))
-
-    def _generate(self, ids, max_new_tokens, temperature, on_token, guard) -> None:
-        self.llama.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=self.stop_ids,
-                            on_token=on_token, guard=guard)
-
-    def kv_bytes(self, n_tokens: int) -> int:
-        return n_tokens * self.llama.n_layers * 2 * self.llama.n_kv_heads * self.llama.head_dim * 2  # f16 cache
+            embeddings = compose([load_cartridge(f, llama) for f in target.cartridge_folders])
+        return Chat(db, target, LlamaCppInference(llama, warm_ids=template_prefix_ids(tokenizer)), tokenizer, embeddings)
+    except BaseException:
+        llama.close()
+        raise
 
 
 ENGINES = ("llama.cpp", "torch")
@@ -298,9 +281,9 @@ def open_chat(db, corpus_names: list[str], *, version: int | None = None, mode: 
     target = resolve(db, corpus_names, version=version, mode=mode, model=model, rag_tokens=rag_tokens)
     if choose_engine(engine, target.model_spec) == "llama.cpp" and device in (None, "auto", "cpu"):
         try:
-            return LlamaCppChat(db, target)
+            return llamacpp_chat(db, target)
         except LayoutUnsupported as exc:
             if engine == "llama.cpp":
                 raise
             print(f"note: {exc}; using the torch engine", file=sys.stderr)
-    return TorchChat(db, target, device=device)
+    return torch_chat(db, target, device=device)
