@@ -59,6 +59,8 @@ class TrainConfig:
     # or the "attention"-selected KV of the corpus read whole (see engine.cartridge.kv_select)
     heldout: float = 0.1  # share of conversations kept out of training to score the cartridge
     eval_every: int = 12  # steps between held-out scorings (the best state is kept)
+    # quoting conversations (the corpus's own words, see engine.selfstudy.verbatim) per self-study one trained
+    verbatim: float = 0.0
 
     def conversations_for(self, corpus_tokens: int) -> int:
         """Self-study conversations for a corpus of `corpus_tokens`: scaled with its size, floor and cap."""

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.store import registry
+from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
 from engine.selfstudy.conversations import conversation_slots, count_conversations, read_conversations, write_shard
 from engine.corpus.chunks import ChunkSampler, version_documents
 from engine.errors import UserError
@@ -85,6 +86,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--conversations and --steps must be positive")
     if cfg.max_answer_tokens < 1:
         raise UserError("--answer-tokens must be positive")
+    if cfg.verbatim < 0:
+        raise UserError("verbatim must be 0 or more (quoting conversations per self-study one)")
     for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
                                  ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
         if value not in allowed:
@@ -312,13 +315,14 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         what = (f"incremental from v{plan.from_version}: {plan.reused} conversations reused, {plan.new} new about "
                 f"{len(plan.changed_files)} changed file(s)")
         n_train = plan.new + min(plan.reused, _replay_count(plan.reused, plan.new, cfg))
-        steps = cfg.steps or max(1, math.ceil(n_train / cfg.batch_size))
+        steps = cfg.steps or max(1, math.ceil((n_train + verbatim_count(n_train, cfg.verbatim)) / cfg.batch_size))
     else:
         scaled = "" if cfg.conversations_per_ktok <= 0 else (
             f" ({cfg.conversations_per_ktok:g} per 1k of {corpus_tokens:,} tokens, floor {cfg.conversations}, "
             f"cap {cfg.max_conversations})")
         what = f"{plan.conversations} self-study conversations{scaled}"
-        steps = cfg.total_steps(plan.conversations - heldout_count(plan.conversations, cfg.heldout))
+        n_train = plan.conversations - heldout_count(plan.conversations, cfg.heldout)
+        steps = cfg.total_steps(n_train + verbatim_count(n_train, cfg.verbatim))
     line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
         minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 576 / 60
@@ -535,7 +539,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             fresh = every[plan.reused:]
             conversations = fresh + _replay(every[:plan.reused], len(fresh), cfg)
             if cfg.steps is None:
-                cfg = cfg.replace(steps=max(1, math.ceil(len(conversations) / cfg.batch_size)))
+                n_train = len(conversations) + verbatim_count(len(conversations), cfg.verbatim)
+                cfg = cfg.replace(steps=max(1, math.ceil(n_train / cfg.batch_size)))
                 config_doc["train"] = asdict(cfg)
                 registry.update_run_config(db, run_id, config_doc)
         else:
@@ -543,6 +548,11 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if not conversations:
             raise UserError("self-study produced no usable conversations")
         conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
+        if cfg.verbatim > 0:  # the folder's own words beside self-study (changed files only when incremental)
+            conversations = conversations + verbatim_conversations(
+                lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed,
+                k=conversations[0].topk_ids.shape[1],
+                only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
 
         # 4. Distill, from the corpus's own tokens (full) or the previous cartridge (incremental).
         if warm_start is None:

@@ -1,0 +1,43 @@
+"""Quoting conversations: the corpus's own words, next to self-study, as training data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import ASSETS
+from engine.corpus.chunks import ChunkSampler, assemble, version_documents
+from engine.corpus.ingest import ingest
+from engine.engines.tokenizer import load_tokenizer
+from engine.selfstudy.verbatim import OFF_ROW, verbatim_conversations
+from engine.store import registry
+from engine.training import pipeline
+
+
+def test_quoting_conversations_quote_the_corpus(db):
+    documents = version_documents(db, ingest(ASSETS / "sample", db=db).version)
+    sampler, tokenizer = ChunkSampler(documents), load_tokenizer(None)
+    made = verbatim_conversations(tokenizer, sampler, 6, seed=3, k=5)
+    text = "\n".join(line for line in assemble(documents).splitlines() if not line.startswith("### File:"))
+    corpus = " ".join(text.split())  # the quoted words, without the file headers between files
+    assert len(made) == 6
+    for conv in made:
+        opening = conv.user.split('"')[1]
+        passage = tokenizer.decode(conv.answer_ids[:-1])
+        assert f"{opening} {passage}" in corpus  # the passage that follows the quoted opening, word for word
+        assert conv.answer_ids[-1] == tokenizer.eos_token_id  # it ends like an answer
+        assert np.array_equal(conv.topk_ids[:, 0], conv.answer_ids) and conv.topk_ids.shape == (conv.n_tokens, 5)
+        assert np.all(conv.topk_logprobs[:, 0] == 0) and np.all(conv.topk_logprobs[:, 1:] == OFF_ROW)
+    again = verbatim_conversations(tokenizer, sampler, 6, seed=3, k=5)
+    assert [c.user for c in again] == [c.user for c in made]  # seeded: a resumed run trains on the same
+    only = {documents[0].path}
+    assert all(set(c.files) <= only for c in verbatim_conversations(tokenizer, sampler, 4, seed=1, only_files=only))
+
+
+def test_training_adds_quoting_conversations(db):
+    ingest(ASSETS / "sample", db=db)
+    tiny = dict(p=16, conversations=12, steps=None, epochs=1.0, batch_size=2, chunk_tokens=96, max_answer_tokens=16,
+                max_user_tokens=48, init="spread", heldout=0.0)
+    plain = pipeline.train(db, "sample", **tiny)
+    quoting = pipeline.train(db, "sample", verbatim=0.5, **tiny)  # the same 12 conversations, and 6 quotes
+    assert (plain.steps, quoting.steps) == (6, 9)
+    assert registry.get_version(db, registry.get_corpus(db, "sample"), quoting.version)["status"] == "ready"
