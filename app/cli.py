@@ -99,7 +99,7 @@ def cmd_versions(args) -> None:
 def _train_overrides(args) -> dict:
     return {"p": args.tokens, "conversations": args.conversations, "steps": args.steps, "batch_size": args.batch_size,
             "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
-            "teacher": args.teacher, "lr_schedule": args.lr_schedule, "init": args.init}
+            "teacher": args.teacher, "lr_schedule": args.lr_schedule, "init": args.init, "verbatim": args.verbatim}
 
 
 class _Bars:
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["first", "spread", "attention"],
                    help="start from the corpus's first p tokens, from excerpts spread across it, or from the KV of "
                         "the corpus read whole, the p positions each head attends to most (quick's default)")
+    p.add_argument("--verbatim", type=float, metavar="X",
+                   help="quoting conversations (the folder's own words) trained per self-study one (default: the "
+                        "preset's; 0 for none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", help="Hugging Face id or local folder (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

@@ -37,7 +37,31 @@ def test_training_adds_quoting_conversations(db):
     ingest(ASSETS / "sample", db=db)
     tiny = dict(p=16, conversations=12, steps=None, epochs=1.0, batch_size=2, chunk_tokens=96, max_answer_tokens=16,
                 max_user_tokens=48, init="spread", heldout=0.0)
-    plain = pipeline.train(db, "sample", **tiny)
-    quoting = pipeline.train(db, "sample", verbatim=0.5, **tiny)  # the same 12 conversations, and 6 quotes
+    plain = pipeline.train(db, "sample", verbatim=0.0, **tiny)
+    quoting = pipeline.train(db, "sample", verbatim=0.5, **tiny)  # the same 12 conversations and 6 quotes
     assert (plain.steps, quoting.steps) == (6, 9)
     assert registry.get_version(db, registry.get_corpus(db, "sample"), quoting.version)["status"] == "ready"
+
+
+def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_share(tmp_path, db):
+    """Quoting conversations lower the held-out score (the teacher is imitated less) while answers improve:
+    the watcher's guard must not hold such a retrain back because of a serving version trained without them."""
+    import json
+
+    from conftest import write
+    from engine.training.pipeline import _worse_than_serving, make_config
+
+    root = tmp_path / "notes"
+    write(root, "a.md", "The ferry leaves at 7:40 from pier 3.\n")
+    corpus = ingest(root, db=db).corpus
+    write(root, "a.md", "The ferry leaves at 8:10 from pier 3.\n")
+    ingest(root, name=corpus["name"], db=db)
+    old, new = (registry.get_version(db, corpus, n) for n in (1, 2))
+    folder = tmp_path / "cartridge-v1"
+    folder.mkdir()
+    (folder / "cartridge.json").write_text(json.dumps({"training": {"train": {"verbatim": 0.0}}}))
+    registry.update_version(db, old["id"], status="ready", cartridge=str(folder), heldout=1.0)
+    registry.set_current_version(db, registry.get_corpus(db, corpus["name"]), 1)
+
+    assert "v1 keeps serving" in _worse_than_serving(db, corpus, new, 0.6, make_config("quick", verbatim=0.0))
+    assert _worse_than_serving(db, corpus, new, 0.6, make_config("quick")) is None  # quick quotes: not comparable

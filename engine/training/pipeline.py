@@ -593,7 +593,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             "corpus_root": corpus["root"], "version": row["number"], "manifest_hash": row["manifest_hash"],
             "training": config_doc, "metrics": metrics, "created": time.time()})
         _unwrap(peft_model)
-        worse = _older_than_serving(db, corpus, row) or (_worse_than_serving(db, corpus, row, score) if guard_current else None)
+        worse = _older_than_serving(db, corpus, row) or (_worse_than_serving(db, corpus, row, score, cfg) if guard_current else None)
         with registry.transaction(db):
             registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None, heldout=score)
             if worse is None:
@@ -648,17 +648,31 @@ def _older_than_serving(db, corpus: dict, row: dict) -> str | None:
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it)")
 
 
-def _worse_than_serving(db, corpus: dict, row: dict, score: float | None) -> str | None:
-    """Why a new version should not replace the serving one (held-out score clearly lower), or None."""
+def _worse_than_serving(db, corpus: dict, row: dict, score: float | None, cfg: TrainConfig) -> str | None:
+    """Why a new version should not replace the serving one (held-out score clearly lower), or None.
+
+    Scores compare only between cartridges trained with the same share of quoting conversations: one that
+    also learns the folder's own words imitates the teacher less (a lower score) while answering better."""
     serving = db["corpora"].get(corpus["id"])["current_version"]
     if serving is None or serving == row["number"] or score is None:
         return None
     current = registry.get_version(db, corpus, serving)
     if current["status"] != "ready" or current.get("heldout") is None or score >= current["heldout"] - WORSE_MARGIN:
         return None
+    if _trained_setting(current, "verbatim", 0.0) != cfg.verbatim:
+        return None
     return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving}'s "
             f"{current['heldout']:.2f}: v{serving} keeps serving "
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it anyway)")
+
+
+def _trained_setting(version: dict, name: str, default):
+    """A training setting of a version's cartridge, from its cartridge.json (`default` when absent)."""
+    try:
+        meta = json.loads((Path(version["cartridge"]) / "cartridge.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return default
+    return ((meta.get("training") or {}).get("train") or {}).get(name, default)
 
 
 def _unwrap(peft_model) -> None:
