@@ -86,6 +86,22 @@ class LoopGuard:
         return self.tokens if self.cut is None else self.tokens[:self.cut]
 
 
+def accept(token: int, out: list[int], stop_ids: set[int], on_token, guard: LoopGuard | None) -> str | None:
+    """Take one chosen token into `out` (streamed to `on_token`, followed by `guard`): None to go on,
+    "stop" when it is a stop token (not kept), "cut" when the guard ends the answer. Both engines decode
+    through this, so they end answers alike."""
+    if token in stop_ids:
+        return "stop"
+    out.append(token)
+    if on_token is not None:
+        on_token(token)
+    if guard is not None:
+        guard.add(token)
+        if guard.stop:
+            return "cut"
+    return None
+
+
 def stop_ids(tokenizer) -> set[int]:
     """The ids that end an answer: EOS and the chat templates' end-of-turn tokens."""
     ids = {tokenizer.eos_token_id}

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.engines.decoding import accept
 from engine.errors import CartridgeMismatch, UserError
 
 KNOWN_VERSIONS = ("0.3.36",)
@@ -830,15 +831,11 @@ class LlamaCppEngine:
                 on_logits(logits)
             if first_at is None:
                 first_at = time.perf_counter()
-            if token in stop_ids:
+            ended = accept(token, out, stop_ids, on_token, guard)
+            if ended == "stop":
                 stopped = True
                 break
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if guard is not None:
-                guard.add(token)
-            if step == max_new_tokens - 1 or (should_stop is not None and should_stop()) or (guard and guard.stop):
+            if ended or step == max_new_tokens - 1 or (should_stop is not None and should_stop()):
                 break
             logits = self.eval([token])
         end = time.perf_counter()

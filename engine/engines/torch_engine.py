@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.cartridge.format import kv_bytes, prefix_embeddings, to_cache
-from engine.engines.decoding import Generated
+from engine.engines.decoding import Generated, accept
 from engine.engines.models import LoadedModel
 
 
@@ -72,16 +72,10 @@ class TorchEngine:
                     top = torch.log_softmax(logits, -1).topk(k)
                     rows_ids.append(top.indices.numpy().astype(np.int32))
                     rows_lp.append(top.values.numpy().astype(np.float32))
-                if token in stop_ids:
-                    stopped = True
+                ended = accept(token, out, stop_ids, on_token, guard)
+                if ended:
+                    stopped = ended == "stop"
                     break
-                out.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if guard is not None:
-                    guard.add(token)
-                    if guard.stop:
-                        break
                 if should_stop is not None and should_stop():
                     break
                 ids = [token]

@@ -548,6 +548,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         if not conversations:
             raise UserError("self-study produced no usable conversations")
         conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
+        n_selfstudy = len(conversations)  # what `train` reports; quoting conversations come on top
         if cfg.verbatim > 0:  # the folder's own words beside self-study (changed files only when incremental)
             conversations = conversations + verbatim_conversations(
                 lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed,
@@ -611,7 +612,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
                    "device": lm.device.type, "processes": nproc}
         if synthesized == "server":
             engines["server"] = server.describe()
-        return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, len(conversations), result.steps,
+        return TrainOutcome(corpus["name"], row["number"], str(target), cfg.p, n_selfstudy, result.steps,
                             result.loss_first, result.loss_last, seconds, run_id, result.heldout, worse is None, worse,
                             engines)
     except KeyboardInterrupt:
