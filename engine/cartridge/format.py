@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import CartridgeMismatch, UserError
+from engine.cartridge.metadata import METADATA
 from engine.engines.models import LoadedModel, chat_ids
 
 FORMAT = "cartridge-desktop/1"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-METADATA = "cartridge.json"
 WEIGHT_KEY = "prompt_embeddings"  # the key PEFT reads for prompt-learning adapters
 
 

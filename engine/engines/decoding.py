@@ -112,6 +112,19 @@ def stop_ids(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def turn_end_id(tokenizer) -> int:
+    """The stop id the chat template closes an assistant turn with (EOS when the template shows none)."""
+    stops = stop_ids(tokenizer)
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                            tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    except Exception:  # a tokenizer without a chat template
+        ids = []
+    ends = [int(i) for i in ids if int(i) in stops]
+    return ends[-1] if ends else tokenizer.eos_token_id
+
+
 def contains_all(answer: str, expect: list[str]) -> bool:
     """Eval's accuracy test: the answer holds every expected string, ignoring case."""
     low = answer.lower()

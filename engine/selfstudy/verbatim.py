@@ -14,7 +14,7 @@ import random
 
 import numpy as np
 
-from engine.engines.decoding import stop_ids
+from engine.engines.decoding import turn_end_id
 from engine.selfstudy.conversations import Conversation
 
 OPENING_WORDS = 10  # what the user quotes to name the passage
@@ -31,7 +31,7 @@ def verbatim_conversations(tokenizer, sampler, n: int, seed: int, *, k: int = 20
                            only_files: set[str] | None = None) -> list[Conversation]:
     """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded."""
     rng = random.Random(f"verbatim-{seed}")
-    stop = min(stop_ids(tokenizer))
+    stop = turn_end_id(tokenizer)  # where the teacher's own answers end
     made: list[Conversation] = []
     for _attempt in range(4 * n):
         if len(made) >= n:

@@ -19,6 +19,7 @@ import torch
 
 from engine.store import registry
 from engine.cartridge.format import compose, init_embeddings, load_cartridge
+from engine.cartridge.metadata import read_metadata
 from engine.corpus.chunks import ChunkSampler, assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
@@ -139,10 +140,7 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
                 raise UserError(f"{corpus_name!r} v{row['number']} has no trained cartridge yet: run `cartridge train`")
             cartridge_folder = Path(row["cartridge"])
         if model is None:
-            try:
-                model = json.loads((Path(cartridge_folder) / "cartridge.json").read_text()).get("base_model")
-            except (OSError, ValueError):
-                pass
+            model = read_metadata(cartridge_folder).get("base_model")
     lm = load_model(model, device)
     if cartridge_folder is not None:
         cartridge = load_cartridge(Path(cartridge_folder), lm)

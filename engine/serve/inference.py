@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.store import registry
 from engine.cartridge.format import compose, load_cartridge
+from engine.cartridge.metadata import read_metadata
 from engine.corpus.chunks import assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
@@ -89,12 +90,7 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
     if mode in CARTRIDGE_MODES and model is None:
         specs = set()
         for folder in folders:
-            try:
-                import json
-
-                specs.add(json.loads((folder / "cartridge.json").read_text()).get("base_model"))
-            except (OSError, ValueError):
-                pass  # load_cartridge reports the folder clearly
+            specs.add(read_metadata(folder).get("base_model"))  # a missing one: load_cartridge says so clearly
         if len(specs) > 1:
             raise UserError(f"these cartridges were trained on different models ({', '.join(map(str, specs))})")
         model = specs.pop() if specs else None

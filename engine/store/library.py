@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from engine.cartridge.metadata import read_metadata
 from engine.store import registry
 
 # Beyond this many tokens, a cartridge for the default model trained on a CPU covers the folder thinly:
@@ -21,7 +22,6 @@ CPU_TOKEN_BUDGET = 100_000
 GPU_TOKEN_BUDGET = 2_000_000
 DEFAULT_CONTEXT = 8192  # positions of the default model: the in-context (icl) comparison needs the folder to fit
 
-METADATA = "cartridge.json"
 
 
 # -- cartridges ------------------------------------------------------------------------------------
@@ -33,10 +33,7 @@ def cartridge_info(folder: str | Path | None) -> dict | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    try:
-        meta = json.loads((folder / METADATA).read_text())
-    except (OSError, ValueError):
-        meta = {}
+    meta = read_metadata(folder)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return {"p": meta.get("p"), "size_bytes": size, "size_mb": round(size / 1e6, 2), "created": meta.get("created"),
             "base_model": meta.get("base_model"), "metrics": meta.get("metrics") or {}, "folder": str(folder)}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.selfstudy.conversations import Conversation
+from engine.selfstudy.verbatim import verbatim_count
 from engine.errors import UserError
 from engine.engines.models import LoadedModel, chat_ids
 
@@ -79,6 +80,12 @@ class TrainConfig:
             return self.p
         scaled = int(min(corpus_tokens / 4, max(corpus_tokens / 8, 512))) // 64 * 64
         return max(self.p, min(scaled, self.max_p))
+
+    def train_examples(self, n_selfstudy: int) -> int:
+        """What one pass trains on: the self-study conversations left after the held-out split, plus the
+        quoting conversations made beside them."""
+        n = n_selfstudy - heldout_count(n_selfstudy, self.heldout)
+        return n + verbatim_count(n, self.verbatim)
 
     def total_steps(self, n_conversations: int) -> int:
         if self.steps is not None:

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.cartridge.metadata import trained_setting
 from engine.store import registry
 from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
 from engine.selfstudy.conversations import conversation_slots, count_conversations, read_conversations, write_shard
 from engine.corpus.chunks import ChunkSampler, version_documents
 from engine.errors import UserError
 from engine.store.paths import cartridges_dir, data_home
-from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig, heldout_count,
+from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig,
                              split_heldout)
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
@@ -314,15 +315,14 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
     if plan.kind == "incremental":
         what = (f"incremental from v{plan.from_version}: {plan.reused} conversations reused, {plan.new} new about "
                 f"{len(plan.changed_files)} changed file(s)")
-        n_train = plan.new + min(plan.reused, _replay_count(plan.reused, plan.new, cfg))
-        steps = cfg.steps or max(1, math.ceil((n_train + verbatim_count(n_train, cfg.verbatim)) / cfg.batch_size))
+        n_train = cfg.train_examples(plan.new + min(plan.reused, _replay_count(plan.reused, plan.new, cfg)))
+        steps = cfg.steps or max(1, math.ceil(n_train / cfg.batch_size))
     else:
         scaled = "" if cfg.conversations_per_ktok <= 0 else (
             f" ({cfg.conversations_per_ktok:g} per 1k of {corpus_tokens:,} tokens, floor {cfg.conversations}, "
             f"cap {cfg.max_conversations})")
         what = f"{plan.conversations} self-study conversations{scaled}"
-        n_train = plan.conversations - heldout_count(plan.conversations, cfg.heldout)
-        steps = cfg.total_steps(n_train + verbatim_count(n_train, cfg.verbatim))
+        steps = cfg.total_steps(cfg.train_examples(plan.conversations))
     line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
         minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 576 / 60
@@ -539,8 +539,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             fresh = every[plan.reused:]
             conversations = fresh + _replay(every[:plan.reused], len(fresh), cfg)
             if cfg.steps is None:
-                n_train = len(conversations) + verbatim_count(len(conversations), cfg.verbatim)
-                cfg = cfg.replace(steps=max(1, math.ceil(n_train / cfg.batch_size)))
+                cfg = cfg.replace(steps=max(1, math.ceil(cfg.train_examples(len(conversations)) / cfg.batch_size)))
                 config_doc["train"] = asdict(cfg)
                 registry.update_run_config(db, run_id, config_doc)
         else:
@@ -660,20 +659,11 @@ def _worse_than_serving(db, corpus: dict, row: dict, score: float | None, cfg: T
     current = registry.get_version(db, corpus, serving)
     if current["status"] != "ready" or current.get("heldout") is None or score >= current["heldout"] - WORSE_MARGIN:
         return None
-    if _trained_setting(current, "verbatim", 0.0) != cfg.verbatim:
+    if trained_setting(current["cartridge"], "verbatim", 0.0) != cfg.verbatim:
         return None
     return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving}'s "
             f"{current['heldout']:.2f}: v{serving} keeps serving "
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it anyway)")
-
-
-def _trained_setting(version: dict, name: str, default):
-    """A training setting of a version's cartridge, from its cartridge.json (`default` when absent)."""
-    try:
-        meta = json.loads((Path(version["cartridge"]) / "cartridge.json").read_text())
-    except (OSError, TypeError, ValueError):
-        return default
-    return ((meta.get("training") or {}).get("train") or {}).get(name, default)
 
 
 def _unwrap(peft_model) -> None:

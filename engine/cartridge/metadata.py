@@ -1,0 +1,24 @@
+"""A cartridge folder's `cartridge.json`, read without loading torch (listings, settings, base model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METADATA = "cartridge.json"
+
+
+def read_metadata(folder: str | Path | None) -> dict:
+    """The folder's metadata, or {} when the folder or the file is missing or unreadable."""
+    if not folder:
+        return {}
+    try:
+        meta = json.loads((Path(folder) / METADATA).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def trained_setting(folder: str | Path | None, name: str, default=None):
+    """A training setting the cartridge was made with (`default` when it does not say)."""
+    return ((read_metadata(folder).get("training") or {}).get("train") or {}).get(name, default)
