@@ -96,9 +96,14 @@ def cmd_versions(args) -> None:
               f"{_when(v['created'])}  {score}".rstrip())
 
 
-def _train_overrides(args) -> dict:
+def _shared_train_overrides(args) -> dict:
+    """The settings of `_add_train_flags`, which `train` and `watch` both take."""
     return {"p": args.tokens, "conversations": args.conversations, "steps": args.steps, "batch_size": args.batch_size,
-            "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens, "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
+            "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens}
+
+
+def _train_overrides(args) -> dict:
+    return {**_shared_train_overrides(args), "lr": args.lr, "loss_on": args.loss_on, "seed": args.seed,
             "teacher": args.teacher, "lr_schedule": args.lr_schedule, "init": args.init, "verbatim": args.verbatim}
 
 
@@ -310,8 +315,7 @@ def cmd_watch(args) -> None:
     from engine.training.pipeline import make_config
     from engine.jobs.watcher import start_watchers
 
-    overrides = {"p": args.tokens, "conversations": args.conversations, "steps": args.steps,
-                 "batch_size": args.batch_size, "chunk_tokens": args.chunk_tokens, "max_answer_tokens": args.answer_tokens}
+    overrides = _shared_train_overrides(args)
     make_config(args.preset, **overrides)  # bad settings fail here, not at the first retrain
     for name in args.corpus:
         set_watch(db, name, True)
