@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import ASSETS
 from engine.corpus.chunks import ChunkSampler, assemble, version_documents
@@ -65,3 +66,21 @@ def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_sh
 
     assert "v1 keeps serving" in _worse_than_serving(db, corpus, new, 0.6, make_config("quick", verbatim=0.0))
     assert _worse_than_serving(db, corpus, new, 0.6, make_config("quick")) is None  # quick quotes: not comparable
+
+
+def test_the_kept_state_is_chosen_on_held_out_answers_and_recall_probes_together(db):
+    """Quoting lowers how well the teacher's phrasing is imitated: the state kept must weigh the folder's own
+    words too, or training on quotes is thrown away (it was, on the sample, at 3 quotes per conversation)."""
+    ingest(ASSETS / "sample", db=db)
+    outcome = pipeline.train(db, "sample", p=16, conversations=12, steps=6, batch_size=2, chunk_tokens=96,
+                             max_answer_tokens=16, max_user_tokens=48, init="spread", heldout=0.2, verbatim=1.0,
+                             eval_every=2, lr=0.05)
+    detail = outcome.heldout
+    assert detail["conversations"] == 2 and detail["recall_probes"] == 4  # at least four probes
+    curve = detail["curve"]
+    assert [row[0] for row in curve] == [0, 2, 4, 6] and all(len(row) == 3 for row in curve)
+    means = [(nll + recall) / 2 for _, nll, recall in curve]
+    kept = [row for row in curve if row[0] == detail["best_step"]][0]
+    assert detail["criterion"] == pytest.approx(min(means), abs=1e-4) == pytest.approx((kept[1] + kept[2]) / 2, abs=1e-4)
+    assert (detail["nll_cartridge"], detail["recall"]) == (kept[1], kept[2])
+    assert detail["recall_init"] == curve[0][2]

@@ -27,7 +27,7 @@ def verbatim_count(n_train: int, share: float) -> int:
     return round(n_train * share) if share > 0 else 0
 
 
-def verbatim_conversations(tokenizer, sampler, n: int, seed: int, *, k: int = 20,
+def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
                            only_files: set[str] | None = None) -> list[Conversation]:
     """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded."""
     rng = random.Random(f"verbatim-{seed}")

@@ -359,13 +359,23 @@ MIN_TEACHER_GAIN = 0.05
 
 class HeldOut:
     """Scores a cartridge on held-out conversations: `score = (none - cartridge) / (none - teacher)`,
-    the share of the teacher's advantage (over the bare model) that the cartridge recovers."""
+    the share of the teacher's advantage (over the bare model) that the cartridge recovers.
+
+    Quoting conversations among them (seed_type "verbatim") are recall probes instead: passages of the
+    folder to be continued word for word. They take no part in the score, but they do in choosing the
+    state to keep (`BestState`): a cartridge that learns the folder's words imitates the teacher's phrasing
+    less, so the self-study NLL alone would throw that learning away."""
 
     def __init__(self, lm: LoadedModel, conversations: list[Conversation], cfg: TrainConfig, p: int, pad_id: int):
         cfg = cfg.replace(loss_on="assistant")
-        examples = [e for c in conversations if (e := _example(lm, c, cfg, p)) is not None]
         size = max(1, cfg.batch_size)
-        self.batches = [_collate(examples[i:i + size], pad_id, lm.device) for i in range(0, len(examples), size)]
+
+        def batches(kind: list[Conversation]) -> tuple[list, list[dict]]:
+            examples = [e for c in kind if (e := _example(lm, c, cfg, p)) is not None]
+            return examples, [_collate(examples[i:i + size], pad_id, lm.device) for i in range(0, len(examples), size)]
+
+        examples, self.batches = batches([c for c in conversations if c.seed_type != "verbatim"])
+        _, self.probe_batches = batches([c for c in conversations if c.seed_type == "verbatim"])
         self.autocast = lm.autocast
         self.teacher = _teacher_nll(examples)
         self.none = _answer_nll(lm.model, self.batches, lm.autocast()) if self.batches else float("nan")
@@ -375,6 +385,10 @@ class HeldOut:
 
     def nll(self, peft_model) -> float:
         return _answer_nll(peft_model, self.batches, self.autocast())
+
+    def recall(self, peft_model) -> float | None:
+        """NLL of the recall probes' passages, or None without probes."""
+        return _answer_nll(peft_model, self.probe_batches, self.autocast()) if self.probe_batches else None
 
     def score(self, nll: float) -> float | None:
         gain = self.none - self.teacher
@@ -464,27 +478,36 @@ def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict,
     return int(meta["step"]), list(meta.get("losses", []))
 
 
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
+
+
 class BestState:
     """The cartridge state with the lowest held-out NLL seen so far (the initialisation included), so that
-    training can never hand back a cartridge worse than the one it started from."""
+    training can never hand back a cartridge worse than the one it started from. With recall probes, the
+    NLL compared is the mean of the held-out answers' and the probes' (see `HeldOut`)."""
 
     def __init__(self, heldout: HeldOut | None):
         self.heldout = heldout
-        self.nll: float | None = None
+        self.nll: float | None = None  # held-out answers' NLL of the kept state
         self.init: float | None = None
+        self.criterion: float | None = None  # what the kept state won on
+        self.recall: float | None = None  # the kept state's probe NLL (None without probes)
+        self.recall_init: float | None = None
         self.step = 0
         self.weight: torch.Tensor | None = None
-        self.curve: list[list[float]] = []  # [step, held-out nll]
+        self.curve: list[list[float]] = []  # [step, held-out nll] (+ probe nll)
 
     def observe(self, step: int, peft_model) -> float | None:
         if not self.heldout:
             return None
-        nll = self.heldout.nll(peft_model)
-        self.curve.append([step, round(nll, 5)])
+        nll, recall = self.heldout.nll(peft_model), self.heldout.recall(peft_model)
+        criterion = nll if recall is None else (nll + recall) / 2
+        self.curve.append([step, round(nll, 5)] + ([] if recall is None else [round(recall, 5)]))
         if self.init is None:
-            self.init = nll
-        if self.nll is None or nll < self.nll:
-            self.nll, self.step = nll, step
+            self.init, self.recall_init = nll, recall
+        if self.criterion is None or criterion < self.criterion:
+            self.nll, self.recall, self.criterion, self.step = nll, recall, criterion, step
             self.weight = _encoder(peft_model).weight.detach().float().cpu().clone()
         return nll
 
@@ -499,10 +522,14 @@ class BestState:
         return {"score": h.score(self.nll), "nll_none": round(h.none, 5), "nll_teacher": round(h.teacher, 5),
                 "nll_init": round(self.init, 5), "nll_cartridge": round(self.nll, 5), "init_score": h.score(self.init),
                 "best_step": self.step, "conversations": sum(int(b["input_ids"].shape[0]) for b in h.batches),
-                "curve": self.curve}
+                "recall_probes": sum(int(b["input_ids"].shape[0]) for b in h.probe_batches),
+                "recall_init": _rounded(self.recall_init), "recall": _rounded(self.recall),
+                "criterion": round(self.criterion, 5), "curve": self.curve}
 
     def restore(self, saved: dict, weight: torch.Tensor | None) -> None:
         self.nll, self.init, self.step = saved["nll_cartridge"], saved["nll_init"], saved["best_step"]
+        self.criterion = saved.get("criterion", self.nll)
+        self.recall, self.recall_init = saved.get("recall"), saved.get("recall_init")
         self.curve = [list(c) for c in saved.get("curve", [])]
         self.weight = weight.float() if weight is not None else None
 
