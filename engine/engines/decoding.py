@@ -118,7 +118,7 @@ def turn_end_id(tokenizer) -> int:
     try:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                                             tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
     except Exception:  # a tokenizer without a chat template
         ids = []
     ends = [int(i) for i in ids if int(i) in stops]

@@ -23,7 +23,6 @@ GPU_TOKEN_BUDGET = 2_000_000
 DEFAULT_CONTEXT = 8192  # positions of the default model: the in-context (icl) comparison needs the folder to fit
 
 
-
 # -- cartridges ------------------------------------------------------------------------------------
 
 def cartridge_info(folder: str | Path | None) -> dict | None:

@@ -478,6 +478,11 @@ def load_checkpoint(folder: Path, peft_model, optimizer, identity: dict,
     return int(meta["step"]), list(meta.get("losses", []))
 
 
+def _criterion(nll: float, recall: float | None) -> float:
+    """What the kept state is chosen on: the held-out answers' NLL, averaged with the probes' when there are any."""
+    return nll if recall is None else (nll + recall) / 2
+
+
 def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 5)
 
@@ -491,7 +496,6 @@ class BestState:
         self.heldout = heldout
         self.nll: float | None = None  # held-out answers' NLL of the kept state
         self.init: float | None = None
-        self.criterion: float | None = None  # what the kept state won on
         self.recall: float | None = None  # the kept state's probe NLL (None without probes)
         self.recall_init: float | None = None
         self.step = 0
@@ -502,12 +506,12 @@ class BestState:
         if not self.heldout:
             return None
         nll, recall = self.heldout.nll(peft_model), self.heldout.recall(peft_model)
-        criterion = nll if recall is None else (nll + recall) / 2
+        criterion = _criterion(nll, recall)
         self.curve.append([step, round(nll, 5)] + ([] if recall is None else [round(recall, 5)]))
         if self.init is None:
             self.init, self.recall_init = nll, recall
-        if self.criterion is None or criterion < self.criterion:
-            self.nll, self.recall, self.criterion, self.step = nll, recall, criterion, step
+        if self.nll is None or criterion < _criterion(self.nll, self.recall):
+            self.nll, self.recall, self.step = nll, recall, step
             self.weight = _encoder(peft_model).weight.detach().float().cpu().clone()
         return nll
 
@@ -524,11 +528,10 @@ class BestState:
                 "best_step": self.step, "conversations": sum(int(b["input_ids"].shape[0]) for b in h.batches),
                 "recall_probes": sum(int(b["input_ids"].shape[0]) for b in h.probe_batches),
                 "recall_init": _rounded(self.recall_init), "recall": _rounded(self.recall),
-                "criterion": round(self.criterion, 5), "curve": self.curve}
+                "criterion": round(_criterion(self.nll, self.recall), 5), "curve": self.curve}
 
     def restore(self, saved: dict, weight: torch.Tensor | None) -> None:
         self.nll, self.init, self.step = saved["nll_cartridge"], saved["nll_init"], saved["best_step"]
-        self.criterion = saved.get("criterion", self.nll)
         self.recall, self.recall_init = saved.get("recall"), saved.get("recall_init")
         self.curve = [list(c) for c in saved.get("curve", [])]
         self.weight = weight.float() if weight is not None else None

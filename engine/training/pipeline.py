@@ -549,14 +549,13 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
         n_selfstudy = len(conversations)  # what `train` reports; quoting conversations come on top
         if cfg.verbatim > 0:  # the folder's own words beside self-study (changed files only when incremental)
+            k = conversations[0].topk_ids.shape[1]
             conversations = conversations + verbatim_conversations(
-                lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed,
-                k=conversations[0].topk_ids.shape[1],
+                lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed, k=k,
                 only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
             if heldout:  # recall probes: the kept state must also know the folder's words (distill.HeldOut)
                 heldout = heldout + verbatim_conversations(
-                    lm.tokenizer, sampler, max(4, verbatim_count(len(heldout), cfg.verbatim)), f"{cfg.seed}-probes",
-                    k=conversations[0].topk_ids.shape[1])
+                    lm.tokenizer, sampler, max(4, verbatim_count(len(heldout), cfg.verbatim)), f"{cfg.seed}-probes", k=k)
 
         # 4. Distill, from the corpus's own tokens (full) or the previous cartridge (incremental).
         if warm_start is None:
