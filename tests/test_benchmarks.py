@@ -63,7 +63,7 @@ def test_bench_scale(cartridge_home):
     assert phases["ingest"]["files"] >= 600 and phases["ingest"]["files_per_s"] > 0
     assert phases["rescan unchanged"]["changed"] is False and phases["rescan unchanged"]["registry_rows_written"] == 0
     start = phases["start of training"]
-    assert start["chunks"] == min(256, max(96, math.ceil(start["corpus_tokens"] * 16 / 1000)))  # quick's scaling
+    assert start["chunks"] == min(256, max(48, math.ceil(start["corpus_tokens"] * 8 / 1000)))  # quick's scaling
     assert start["files_studied"] == start["chunks"]  # more files than chunks: each chunk a different file
     assert doc["peak_rss_mb"] > 0
 

@@ -13,7 +13,7 @@ from engine.training.pipeline import Plan, make_config, plan_message
 def test_conversations_scale_with_the_corpus_between_floor_and_cap():
     quick = make_config("quick")
     counts = [quick.conversations_for(tokens) for tokens in (500, 5_000, 10_000, 28_000, 2_000_000)]
-    assert counts == [96, 96, 160, 256, 256]
+    assert counts == [48, 48, 80, 224, 256]
     assert make_config("quick", conversations=40).conversations_for(28_000) == 40  # an explicit count stays
     assert make_config("quick", max_answer_tokens=24).max_answer_tokens == 24  # train --answer-tokens
     with pytest.raises(UserError, match="--answer-tokens must be positive"):
@@ -25,7 +25,7 @@ def test_conversations_scale_with_the_corpus_between_floor_and_cap():
 def test_the_plan_states_counts_and_cost_before_training():
     quick = make_config("quick")
     line = plan_message(Plan("full", 256), quick, 28_000, "cpu")
-    assert line.startswith("plan: 256 self-study conversations (16 per 1k of 28,000 tokens, floor 96, cap 256)")
+    assert line.startswith("plan: 256 self-study conversations (8 per 1k of 28,000 tokens, floor 48, cap 256)")
     assert "training steps of 4" in line and "min on a 2-core CPU" in line
     assert "min" not in plan_message(Plan("full", 256), quick, 28_000, "cuda")
     inc = plan_message(Plan("incremental", 30, 1, 24, 6, ["a.md"]), quick, 28_000, "cpu")

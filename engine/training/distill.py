@@ -118,9 +118,9 @@ PRESETS: dict[str, TrainConfig] = {
     # know little of the folder.
     "demo": TrainConfig(p=64, conversations=16, steps=None, epochs=1.0, batch_size=2, chunk_tokens=256,
                         checkpoint_every=4, max_answer_tokens=64, max_user_tokens=48, eval_every=4),
-    "quick": TrainConfig(p=128, max_p=1024, conversations=96, conversations_per_ktok=16, max_conversations=256, steps=None,
+    "quick": TrainConfig(p=128, max_p=1024, conversations=48, conversations_per_ktok=8, max_conversations=256, steps=None,
                          epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
-                         max_user_tokens=64, init="attention", lr=5e-3, verbatim=1.0),
+                         max_user_tokens=64, init="attention", lr=5e-3, verbatim=3.0),
     "standard": TrainConfig(p=512, conversations=4096, conversations_per_ktok=64, max_conversations=32768, steps=None,
                             batch_size=16, chunk_tokens=1024, checkpoint_every=50, max_answer_tokens=256,
                             max_user_tokens=96),
