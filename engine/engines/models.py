@@ -73,7 +73,7 @@ def resolve_device(requested: str | None = None) -> torch.device:
     return torch.device(req)
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """True where the CPU has native bf16 matmul (AVX512-BF16 / AMX): there bf16 autocast is ~2x faster.
 
     `CARTRIDGE_CPU_BF16=0/1` overrides the detection.
@@ -92,7 +92,7 @@ def _dtypes_for(device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype, autocast dtype) for a device."""
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
-    if device.type == "cpu" and _cpu_has_fast_bf16():
+    if device.type == "cpu" and cpu_has_fast_bf16():
         # fp32 weights keep the cartridge gradients in fp32; autocast runs the matmuls in bf16.
         return torch.float32, torch.bfloat16
     return torch.float32, None

@@ -23,6 +23,7 @@ from engine.store import registry
 from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
 from engine.selfstudy.conversations import conversation_slots, count_conversations, read_conversations, write_shard
 from engine.corpus.chunks import ChunkSampler, version_documents
+from engine.engines.models import cpu_has_fast_bf16
 from engine.errors import UserError
 from engine.store.paths import cartridges_dir, data_home
 from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig,
@@ -300,13 +301,14 @@ class Plan:
         return cls("full", cfg.conversations)
 
 
-# Measured with the quick preset on a 2-core CPU (fp32 matmuls): llama.cpp self-study ~14 conversations a
-# minute; distillation ~1.8 s per conversation per step at p=576 (held-out scoring included); reading the
-# sample's 5,000 tokens whole for the attention initialisation ~170 s (it grows with the square of the length).
+# Measured with the quick preset on a 2-core CPU: llama.cpp self-study ~13 conversations a minute;
+# distillation per conversation per step at p=576 (held-out scoring included) ~1.8 s with fp32 matmuls and
+# ~0.7 s with bf16 ones (CPUs with AVX512-BF16 or AMX, see engine.engines.models); reading the sample's 5,000
+# tokens whole for the attention initialisation ~170 s / ~75 s (it grows with the square of the length).
 # Used for the estimate shown before a run.
-CPU_CONVERSATIONS_PER_MIN = 14.0
-CPU_SECONDS_PER_EXAMPLE = 1.8
-CPU_ATTENTION_INIT_S = 170.0
+CPU_CONVERSATIONS_PER_MIN = 13.0
+CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.7}
+CPU_ATTENTION_INIT_S = {"fp32": 170.0, "bf16": 75.0}
 
 
 def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) -> str:
@@ -325,9 +327,11 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         steps = cfg.total_steps(cfg.train_examples(plan.conversations))
     line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
-        minutes = to_make / CPU_CONVERSATIONS_PER_MIN + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE * cfg.p / 576 / 60
+        matmuls = "bf16" if cpu_has_fast_bf16() else "fp32"
+        minutes = (to_make / CPU_CONVERSATIONS_PER_MIN
+                   + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
         if cfg.init == "attention" and plan.kind == "full" and corpus_tokens < 8192:  # longer: excerpts, no cost
-            minutes += CPU_ATTENTION_INIT_S * (corpus_tokens / 5000) ** 2 / 60
+            minutes += CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / 5000) ** 2 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
 
