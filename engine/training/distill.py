@@ -104,12 +104,11 @@ class TrainConfig:
 
 
 # quick: p sized to the folder and the attention-selected start (untrained, on the sample at p=576: 47% of icl's
-# NLL gain vs 39% from spread excerpts; on two untuned folders trained: 60% and 51%; see the README). From that
-# start a smaller step keeps what it holds: lr 5e-3 recovers 60.8% on semantic_version's README (2e-2: 50.0%,
-# 1e-3: 56.6%) and 66.1% on sqlite_fts4's, untuned (2e-2: 64.9%).
-# quick: the default model on a 2-core CPU, a ~5k-token folder end to end in about 15-20 minutes
-# (llama.cpp synthesis with message templates ~13-16 conversations/min; 65 steps of ~7 s at p=576). Three
-# epochs over fewer conversations beat two: on that CPU, synthesis costs more than training steps.
+# NLL gain vs 39% from spread excerpts; see the README). 48 self-study conversations at least (8 per 1k
+# tokens), each with three quoting conversations beside it: on the sample 77.5% of icl's NLL gain vs 75.3%
+# for 96 with one quote each, in about 11 minutes instead of 15 on a 2-core CPU (synthesis ~13
+# conversations/min; 129 steps of ~2.5 s at p=576 with bf16 matmuls). With that much quoting lr 1e-2 beats
+# 5e-3 on the sample (82.7% vs 77.5%; 32 conversations with 4.5 quotes each: 78.5%).
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
 # is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
@@ -120,7 +119,7 @@ PRESETS: dict[str, TrainConfig] = {
                         checkpoint_every=4, max_answer_tokens=64, max_user_tokens=48, eval_every=4),
     "quick": TrainConfig(p=128, max_p=1024, conversations=48, conversations_per_ktok=8, max_conversations=256, steps=None,
                          epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
-                         max_user_tokens=64, init="attention", lr=5e-3, verbatim=3.0),
+                         max_user_tokens=64, init="attention", lr=1e-2, verbatim=3.0),
     "standard": TrainConfig(p=512, conversations=4096, conversations_per_ktok=64, max_conversations=32768, steps=None,
                             batch_size=16, chunk_tokens=1024, checkpoint_every=50, max_answer_tokens=256,
                             max_user_tokens=96),
