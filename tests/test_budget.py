@@ -32,6 +32,19 @@ def test_the_plan_states_counts_and_cost_before_training():
     assert "incremental from v1: 24 conversations reused, 6 new about 1 changed file(s)" in inc
 
 
+def test_the_cpu_estimate_follows_the_matmul_type(monkeypatch):
+    quick = make_config("quick", p=576)
+
+    def minutes() -> int:
+        line = plan_message(Plan("full", 48), quick, 4_992, "cpu")
+        return int(line.rsplit("about ", 1)[1].split(" min")[0])
+
+    monkeypatch.setenv("CARTRIDGE_CPU_BF16", "1")
+    bf16 = minutes()
+    monkeypatch.setenv("CARTRIDGE_CPU_BF16", "0")
+    assert bf16 < minutes()  # bf16 matmuls train ~2.5x faster per example
+
+
 def test_every_file_is_studied_when_the_count_allows():
     docs = [Document("big.md", "0" * 64, "Lighthouse keepers log the weather every hour. " * 400)] + [
         Document(f"small{i}.md", str(i) * 64, f"Small note {i} about buoy number {i}.\n") for i in range(8)]
