@@ -2,7 +2,7 @@
 
     python benchmarks/bench_quality.py FOLDER --qa QA.jsonl \
         --setting "chunk-teacher: teacher=chunk" --setting "corpus-teacher: teacher=corpus" [--preset quick]
-        [--engine llama.cpp|torch] [--home DIR] [--json]
+        [--engine llama.cpp|torch] [--home DIR] [--json] [--answers FILE]
 
 A setting is `NAME: key=value ...` with keys of the training configuration (p, conversations, epochs,
 teacher, lr, lr_schedule, init, loss_on, max_answer_tokens, ...) applied over the preset. All settings
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default=None, help="eval engine (default: llama.cpp for the bundled model)")
     parser.add_argument("--home", help="data home to use (default: a fresh temporary folder)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--answers", metavar="FILE", help="also write each generated answer (JSON Lines: setting, "
+                        "mode, question, answer, correct), to see which questions a setting gets right")
     args = parser.parse_args(argv)
     os.environ["CARTRIDGE_HOME"] = args.home or tempfile.mkdtemp(prefix="bench-quality-")
 
@@ -93,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(db, name, args.qa, modes=modes, engine=args.engine)
         if baseline is None:
             baseline = {m: result["modes"][m] for m in ("none", "icl")}
+        if args.answers:
+            with open(args.answers, "a", encoding="utf-8") as out:
+                for mode in modes:
+                    for answer in result["modes"][mode].get("answers", []):
+                        out.write(json.dumps({"setting": label, "mode": mode, **answer}) + "\n")
         figures = {**baseline, **result["modes"]}
         none, icl = figures["none"]["nll"], figures["icl"]["nll"]
         row = {"setting": label, "overrides": overrides, "minutes": round(minutes, 2), "synth": made["synthesis"] > 0,

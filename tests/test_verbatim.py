@@ -9,7 +9,7 @@ from conftest import ASSETS
 from engine.corpus.chunks import ChunkSampler, assemble, version_documents
 from engine.corpus.ingest import ingest
 from engine.engines.tokenizer import load_tokenizer
-from engine.selfstudy.verbatim import OFF_ROW, verbatim_conversations
+from engine.selfstudy.verbatim import OFF_ROW, cloze_conversations, verbatim_conversations
 from engine.store import registry
 from engine.training import pipeline
 
@@ -32,6 +32,27 @@ def test_quoting_conversations_quote_the_corpus(db):
     assert [c.user for c in again] == [c.user for c in made]  # seeded: a resumed run trains on the same
     only = {documents[0].path}
     assert all(set(c.files) <= only for c in verbatim_conversations(tokenizer, sampler, 4, seed=1, only_files=only))
+
+
+def test_cloze_conversations_blank_one_fact_of_a_corpus_sentence(db):
+    documents = version_documents(db, ingest(ASSETS / "sample", db=db).version)
+    sampler, tokenizer = ChunkSampler(documents), load_tokenizer(None)
+    corpus = " ".join(assemble(documents).split())
+    made = cloze_conversations(tokenizer, sampler, 8, seed=5, k=5)
+    assert len(made) == 8 and all(c.seed_type == "cloze" for c in made)
+    for conv in made:
+        blanked = conv.user.split('"', 1)[1].rsplit('"', 1)[0]
+        sentence = tokenizer.decode(conv.answer_ids[:-1])
+        assert sentence in corpus  # the answer is a sentence of the corpus, word for word
+        before, _, after = blanked.partition("___")
+        assert sentence.startswith(before) and sentence.endswith(after)
+        assert len(sentence) > len(before) + len(after)  # and the blank hides part of it
+        assert conv.answer_ids[-1] == tokenizer.eos_token_id
+        assert np.all(conv.topk_logprobs[:, 0] == 0) and np.all(conv.topk_logprobs[:, 1:] == OFF_ROW)
+    mixed = verbatim_conversations(tokenizer, sampler, 8, seed=5, k=5, cloze=0.25)
+    assert [c.seed_type for c in mixed].count("cloze") == 2 and len(mixed) == 8
+    assert [c.user for c in mixed if c.seed_type == "verbatim"] == \
+        [c.user for c in verbatim_conversations(tokenizer, sampler, 8, seed=5, k=5)][:6]  # the quotes stay seeded
 
 
 def test_training_adds_quoting_conversations(db):

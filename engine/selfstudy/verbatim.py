@@ -11,6 +11,7 @@ never held out: the held-out score stays the teacher's.
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from engine.selfstudy.conversations import Conversation
 OPENING_WORDS = 10  # what the user quotes to name the passage
 ANSWER_TOKENS = 96  # the passage that follows
 OFF_ROW = -30.0  # log-probability of the rows beside the quoted token (exp: ~1e-13)
+# What a cloze blanks out: capitalised words in a row ("Ines Calloway-Dunn", "Room"), or a figure ("£32",
+# "9:00 AM", "1,200").
+FACT = re.compile(r"\b[A-Z][\w'’-]+(?:[ \t]+[A-Z][\w'’-]+)*|£?\b\d(?:[\d,:]*\d)?(?:\.\d+)?(?:[ \t]?(?:AM|PM|am|pm|%))?")
 
 
 def verbatim_count(n_train: int, share: float) -> int:
@@ -27,12 +31,23 @@ def verbatim_count(n_train: int, share: float) -> int:
     return round(n_train * share) if share > 0 else 0
 
 
+def _text_target(tokenizer, text: str, stop: int, k: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """`text`'s tokens (up to ANSWER_TOKENS) and the turn end as one-hot teacher rows."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]) + [stop]
+    rows = np.repeat(np.asarray(ids, np.int32)[:, None], k, axis=1)
+    logprobs = np.full((len(ids), k), OFF_ROW, np.float32)
+    logprobs[:, 0] = 0.0
+    return ids, rows, logprobs
+
+
 def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
-                           only_files: set[str] | None = None) -> list[Conversation]:
-    """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded."""
+                           only_files: set[str] | None = None, cloze: float = 0.0) -> list[Conversation]:
+    """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded;
+    a `cloze` share of them are fill-in-the-blank sentences instead (see `cloze_conversations`)."""
+    n_cloze = round(n * cloze)
+    made = cloze_conversations(tokenizer, sampler, n_cloze, seed, k=k, only_files=only_files) if n_cloze else []
     rng = random.Random(f"verbatim-{seed}")
     stop = turn_end_id(tokenizer)  # where the teacher's own answers end
-    made: list[Conversation] = []
     for _attempt in range(4 * n):
         if len(made) >= n:
             break
@@ -41,11 +56,37 @@ def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: in
         if len(words) < OPENING_WORDS + 8:
             continue  # a passage too short to quote
         opening, passage = " ".join(words[:OPENING_WORDS]), " ".join(words[OPENING_WORDS:])
-        ids = list(tokenizer(passage, add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]) + [stop]
-        rows = np.repeat(np.asarray(ids, np.int32)[:, None], k, axis=1)
-        logprobs = np.full((len(ids), k), OFF_ROW, np.float32)
-        logprobs[:, 0] = 0.0
+        ids, rows, logprobs = _text_target(tokenizer, passage, stop, k)
         made.append(Conversation(user=f'How does the text continue after "{opening}"?', answer_ids=ids,
                                  topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
                                  file_hashes=list(chunk.file_hashes), seed_type="verbatim"))
+    return made
+
+
+def cloze_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
+                        only_files: set[str] | None = None) -> list[Conversation]:
+    """`n` fill-in-the-blank conversations: the user gives a sentence of the corpus with one name or figure
+    blanked out and the answer is the whole sentence. Unlike a continuation, the missing fact must be found
+    from words on both sides of it, as a question names a fact by what surrounds it ("the chair is ___")."""
+    rng = random.Random(f"cloze-{seed}")
+    stop = turn_end_id(tokenizer)
+    made: list[Conversation] = []
+    for _attempt in range(8 * n):
+        if len(made) >= n:
+            break
+        chunk = sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
+        body = " ".join(line for line in chunk.text.splitlines() if not line.startswith(("### File:", "#")))
+        # whole sentences only: the chunk's first and last pieces may be cut mid-sentence
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", body)[1:-1] if 8 <= len(s.split()) <= 60]
+        candidates = [(s, m) for s in sentences for m in FACT.finditer(s) if m.start() > 0]
+        if not candidates:
+            continue
+        sentence, match = rng.choice(candidates)
+        if len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) > ANSWER_TOKENS:
+            continue  # the answer is the whole sentence
+        blanked = sentence[:match.start()] + "___" + sentence[match.end():]
+        ids, rows, logprobs = _text_target(tokenizer, sentence, stop, k)
+        made.append(Conversation(user=f'Fill in the blank from the text: "{blanked}"', answer_ids=ids,
+                                 topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
+                                 file_hashes=list(chunk.file_hashes), seed_type="cloze"))
     return made

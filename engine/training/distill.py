@@ -62,6 +62,7 @@ class TrainConfig:
     eval_every: int = 12  # steps between held-out scorings (the best state is kept)
     # quoting conversations (the corpus's own words, see engine.selfstudy.verbatim) per self-study one trained
     verbatim: float = 0.0
+    cloze: float = 0.0  # share of the quoting conversations that blank out a fact of a sentence instead
 
     def conversations_for(self, corpus_tokens: int) -> int:
         """Self-study conversations for a corpus of `corpus_tokens`: scaled with its size, floor and cap."""

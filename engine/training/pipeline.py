@@ -556,7 +556,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             k = conversations[0].topk_ids.shape[1]
             conversations = conversations + verbatim_conversations(
                 lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed, k=k,
-                only_files=set(plan.changed_files) if plan.kind == "incremental" else None)
+                only_files=set(plan.changed_files) if plan.kind == "incremental" else None, cloze=cfg.cloze)
             if heldout:  # recall probes: the kept state must also know the folder's words (distill.HeldOut)
                 heldout = heldout + verbatim_conversations(
                     lm.tokenizer, sampler, max(4, verbatim_count(len(heldout), cfg.verbatim)), f"{cfg.seed}-probes", k=k)
