@@ -47,12 +47,18 @@ def chunk_features(text: str) -> dict[str, list[str]]:
         name = " ".join(words)
         if len(name) > 4 and not re.fullmatch(r"[\d\s.,:]+", name):
             names.append(name)
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", body) if len(s.split()) >= 10]
+    sentences = [s for s in body_sentences(text) if len(s.split()) >= 10]
     sections = [h for h in headings if not h.endswith("?")]
     return {"section": sections,
             "question": [h for h in headings if h.endswith("?")],
             "topic": list(dict.fromkeys(names)) + sections,
             "opening": [" ".join(s.lstrip("-*0123456789. ").split()[:8]) for s in sentences]}
+
+
+def body_sentences(text: str) -> list[str]:
+    """The sentences of a chunk's text outside headings and file headers (the first and last may be cut)."""
+    body = " ".join(line for line in text.splitlines() if not line.startswith("#"))
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", body)]
 
 
 def is_direct(seed: str) -> bool:

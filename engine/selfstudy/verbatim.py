@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.engines.decoding import turn_end_id
 from engine.selfstudy.conversations import Conversation
+from engine.selfstudy.prompts import body_sentences
 
 OPENING_WORDS = 10  # what the user quotes to name the passage
 ANSWER_TOKENS = 96  # the passage that follows
@@ -31,9 +32,9 @@ def verbatim_count(n_train: int, share: float) -> int:
     return round(n_train * share) if share > 0 else 0
 
 
-def _text_target(tokenizer, text: str, stop: int, k: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """`text`'s tokens (up to ANSWER_TOKENS) and the turn end as one-hot teacher rows."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]) + [stop]
+def _one_hot_target(tokens: list[int], stop: int, k: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """`tokens` and the turn end as the answer, with one-hot teacher rows."""
+    ids = list(tokens) + [stop]
     rows = np.repeat(np.asarray(ids, np.int32)[:, None], k, axis=1)
     logprobs = np.full((len(ids), k), OFF_ROW, np.float32)
     logprobs[:, 0] = 0.0
@@ -56,7 +57,8 @@ def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: in
         if len(words) < OPENING_WORDS + 8:
             continue  # a passage too short to quote
         opening, passage = " ".join(words[:OPENING_WORDS]), " ".join(words[OPENING_WORDS:])
-        ids, rows, logprobs = _text_target(tokenizer, passage, stop, k)
+        tokens = tokenizer(passage, add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]
+        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
         made.append(Conversation(user=f'How does the text continue after "{opening}"?', answer_ids=ids,
                                  topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
                                  file_hashes=list(chunk.file_hashes), seed_type="verbatim"))
@@ -75,17 +77,17 @@ def cloze_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         if len(made) >= n:
             break
         chunk = sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
-        body = " ".join(line for line in chunk.text.splitlines() if not line.startswith(("### File:", "#")))
         # whole sentences only: the chunk's first and last pieces may be cut mid-sentence
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", body)[1:-1] if 8 <= len(s.split()) <= 60]
+        sentences = [s for s in body_sentences(chunk.text)[1:-1] if 8 <= len(s.split()) <= 60]
         candidates = [(s, m) for s in sentences for m in FACT.finditer(s) if m.start() > 0]
         if not candidates:
             continue
         sentence, match = rng.choice(candidates)
-        if len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) > ANSWER_TOKENS:
+        tokens = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        if len(tokens) > ANSWER_TOKENS:
             continue  # the answer is the whole sentence
         blanked = sentence[:match.start()] + "___" + sentence[match.end():]
-        ids, rows, logprobs = _text_target(tokenizer, sentence, stop, k)
+        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
         made.append(Conversation(user=f'Fill in the blank from the text: "{blanked}"', answer_ids=ids,
                                  topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
                                  file_hashes=list(chunk.file_hashes), seed_type="cloze"))
