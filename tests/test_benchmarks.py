@@ -43,9 +43,15 @@ def test_bench_quality_and_bench_decoding(tmp_path, cartridge_home):
     qa.write_text("\n".join((ASSETS / "sample_qa.jsonl").read_text().splitlines()[:2]) + "\n")
     home = tmp_path / "bench-home"
     setting = "tiny: p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16 init=spread"
+    answers = tmp_path / "answers.jsonl"
     doc = run_benchmark("bench_quality.py", str(ASSETS / "sample"), "--qa", str(qa), "--setting", setting,
-                        "--home", str(home), home=cartridge_home)
+                        "--home", str(home), "--answers", str(answers), home=cartridge_home)
     [row] = doc["rows"]
+    written = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert sorted((a["mode"], a["question"]) for a in written) == sorted(
+        (m, json.loads(line)["question"]) for m in row["accuracy"] for line in qa.read_text().splitlines())
+    for mode, share in row["accuracy"].items():  # every generated answer, as scored
+        assert sum(a["correct"] for a in written if a["mode"] == mode) / 2 == share
     assert row["setting"] == "tiny" and row["overrides"]["p"] == 16 and row["synth"] and row["steps"] == 2
     assert set(row["nll"]) == set(row["accuracy"]) == {"none", "icl", "init", "cartridge"}
     assert row["nll"]["icl"] < row["nll"]["none"] and row["recovered"] is not None

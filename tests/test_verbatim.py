@@ -62,6 +62,9 @@ def test_training_adds_quoting_conversations(db):
     plain = pipeline.train(db, "sample", verbatim=0.0, **tiny)
     quoting = pipeline.train(db, "sample", verbatim=0.5, **tiny)  # the same 12 conversations and 6 quotes
     assert (plain.steps, quoting.steps) == (6, 9)
+    cloze = pipeline.train(db, "sample", verbatim=0.5, cloze=0.5, **tiny)  # trains with 3 fill-in-the-blank of 6
+    assert cloze.steps == 9
+    assert registry.get_version(db, registry.get_corpus(db, "sample"), cloze.version)["status"] == "ready"
     assert registry.get_version(db, registry.get_corpus(db, "sample"), quoting.version)["status"] == "ready"
 
 
