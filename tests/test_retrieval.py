@@ -7,11 +7,12 @@ import json
 from conftest import run_cli, write
 from engine.store import registry
 from engine.corpus.ingest import ingest
-from engine.corpus.retrieval import retrieve, search, split_passages
+from engine.corpus.retrieval import RAG_SYSTEM_PROMPT, retrieve, search, split_passages
 from engine.engines.tokenizer import load_tokenizer
 
 BOATS = ("# Boats\n\nThe club's dinghy is moored at pontoon C, berth 14.\n"
          + "Members book the dinghy through the harbour office.\n" * 3)
+RAG_INTRO = RAG_SYSTEM_PROMPT.format(excerpts="")
 GARDEN = "# Garden\n\n" + "The allotment shed keeps spades, rakes and twine for the spring.\n" * 30
 
 
@@ -84,3 +85,41 @@ def test_a_corpus_beyond_the_context_skips_icl_and_reports_the_rest(tmp_path, ca
     proc = run_cli("chat", "big", "--mode", "icl", "--prompt", "hi", env_home=cartridge_home)
     assert proc.returncode == 2 and "does not fit the model's context" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_training_with_retrieved_passages_uses_its_own_folder_only(tmp_path, db):
+    """cartridge+rag trains with the passages chat would add: a seeded share of the conversations gets them in
+    the student's prompt, found in the run's own version only (never another folder's text)."""
+    import numpy as np
+
+    from engine.engines.models import load_model
+    from engine.selfstudy.conversations import Conversation
+    from engine.training import pipeline
+    from engine.training.distill import _example
+
+    club, other = tmp_path / "club", tmp_path / "other"
+    write(club, "boats.md", BOATS)
+    write(club, "garden.md", GARDEN)
+    write(other, "secret.md", "The dinghy key hides under the blue flowerpot by the harbour office.\n")
+    ingest(other, db=db)
+    version = ingest(club, db=db).version
+    convs = [Conversation(user=f"Where is the dinghy moored, question {i}?", answer_ids=[11, 12, 13],
+                          topk_ids=np.full((3, 2), 5), topk_logprobs=np.zeros((3, 2))) for i in range(8)]
+    cfg = pipeline.make_config("quick", p=120, rag=0.5)
+    tokenizer = load_tokenizer(None)
+    out = pipeline.with_passages(db, version, convs, cfg, tokenizer)
+    with_context = [c for c in out if c.context]
+    assert len(with_context) == 4 and all("pontoon C" in c.context for c in with_context)
+    assert not any("flowerpot" in c.context for c in out)  # the other folder's words never reach this one
+    assert all(count(c.context) <= cfg.p + count(RAG_INTRO) for c in with_context)
+    again = pipeline.with_passages(db, version, convs, cfg, tokenizer)  # the same share for the same seed
+    assert [c.context for c in again] == [c.context for c in out]
+
+    lm = load_model(None, "cpu")
+    plain, rag = _example(lm, convs[0], cfg, cfg.p), _example(lm, with_context[0], cfg, cfg.p)
+    assert len(rag.ids) > len(plain.ids) + 20 and rag.ids[-2:] == plain.ids[-2:] == [11, 12]
+    assert [rag.ids[i + 1] for i in rag.positions[:-1]] == [11, 12]  # the answer is still what is supervised
+
+    trained = pipeline.train(db, "club", p=16, conversations=8, steps=None, epochs=1.0, batch_size=2, chunk_tokens=96,
+                             max_answer_tokens=16, max_user_tokens=48, init="spread", heldout=0.0, rag=0.5)
+    assert registry.get_version(db, registry.get_corpus(db, "club"), trained.version)["status"] == "ready"

@@ -35,6 +35,9 @@ class Conversation:
     # (round, index) of the chunk it was made from in its version's synthesis; None when carried over from
     # an earlier version. A resumed synthesis continues after the last saved slot.
     slot: tuple[int, int] | None = None
+    # Training only, never stored: a system prompt put before the user turn in the student's prompt (the
+    # passages chat's cartridge+rag mode would retrieve for the question; see TrainConfig.rag).
+    context: str = ""
 
     def __post_init__(self):
         self.answer_ids = np.asarray(self.answer_ids, dtype=np.int32).reshape(-1)

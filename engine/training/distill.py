@@ -63,6 +63,9 @@ class TrainConfig:
     # quoting conversations (the corpus's own words, see engine.selfstudy.verbatim) per self-study one trained
     verbatim: float = 0.0
     cloze: float = 0.0  # share of the quoting conversations that blank out a fact of a sentence instead
+    # share of the self-study conversations trained with the passages retrieved for their question in the
+    # student's prompt, as chat's cartridge+rag mode puts them after the cartridge (budget: p tokens)
+    rag: float = 0.0
 
     def conversations_for(self, corpus_tokens: int) -> int:
         """Self-study conversations for a corpus of `corpus_tokens`: scaled with its size, floor and cap."""
@@ -167,13 +170,20 @@ class _Example:
     targets: list[int] = field(default_factory=list)  # the teacher's answer token at each of `positions`
 
 
-def _user_positions(tokenizer, user: str, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
+def _student_messages(conv: Conversation) -> list[dict]:
+    """The student's prompt: the user turn, after the conversation's retrieved passages if it has them."""
+    system = [{"role": "system", "content": conv.context}] if conv.context else []
+    return system + [{"role": "user", "content": conv.user}]
+
+
+def _user_positions(tokenizer, conv: Conversation, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
     """(positions, targets) for next-token loss on the user's words inside the chat prompt.
 
     The teacher has no distribution for the user turn (it was sampled under another prompt), so
     loss_on="all" trains those tokens with plain cross-entropy on the sampled words.
     """
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    user = conv.user
+    text = tokenizer.apply_chat_template(_student_messages(conv), tokenize=False, add_generation_prompt=True)
     start = text.rfind(user)
     if not user or start < 0:
         return [], []
@@ -187,8 +197,10 @@ def _user_positions(tokenizer, user: str, prompt_ids: list[int]) -> tuple[list[i
 
 
 def _example(lm: LoadedModel, conv: Conversation, cfg: TrainConfig, p: int) -> _Example | None:
-    prompt = chat_ids(lm.tokenizer, [{"role": "user", "content": conv.user}], add_generation_prompt=True)
-    limit = min(cfg.max_tokens, lm.max_positions - p)
+    prompt = chat_ids(lm.tokenizer, _student_messages(conv), add_generation_prompt=True)
+    # max_tokens caps the conversation itself; retrieved passages come on top, within the model's positions.
+    extra = len(prompt) - len(chat_ids(lm.tokenizer, [{"role": "user", "content": conv.user}], True)) if conv.context else 0
+    limit = min(cfg.max_tokens + extra, lm.max_positions - p)
     n = min(conv.n_tokens, limit - len(prompt) + 1)
     if n <= 0:
         return None
@@ -197,7 +209,7 @@ def _example(lm: LoadedModel, conv: Conversation, cfg: TrainConfig, p: int) -> _
     positions = list(range(len(prompt) - 1, len(prompt) - 1 + n))
     hard_pos, hard_tgt = ([], [])
     if cfg.loss_on == "all":
-        hard_pos, hard_tgt = _user_positions(lm.tokenizer, conv.user, prompt)
+        hard_pos, hard_tgt = _user_positions(lm.tokenizer, conv, prompt)
     return _Example(ids, positions, conv.topk_ids[:n], conv.topk_logprobs[:n], hard_pos, hard_tgt, answer)
 
 

@@ -90,6 +90,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--answer-tokens must be positive")
     if cfg.verbatim < 0:
         raise UserError("verbatim must be 0 or more (quoting conversations per self-study one)")
+    if not 0 <= cfg.cloze <= 1 or not 0 <= cfg.rag <= 1:
+        raise UserError("cloze and rag are shares: between 0 and 1")
     for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
                                  ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
         if value not in allowed:
@@ -411,6 +413,23 @@ def _replay_count(n_kept: int, n_fresh: int, cfg: TrainConfig) -> int:
     return max(n_fresh, cfg.batch_size * 2) if n_fresh else max(cfg.batch_size * 2, n_kept // 10)
 
 
+def with_passages(db, row: dict, conversations: list, cfg: TrainConfig, tokenizer) -> list:
+    """A seeded `cfg.rag` share of the conversations with the passages retrieved for their question (from
+    the version `row` alone, p tokens as chat's cartridge+rag) as the student's system prompt."""
+    from dataclasses import replace
+
+    from engine.corpus.retrieval import rag_system_prompt, retrieve
+
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    chosen = set(random.Random(f"rag-{cfg.seed}").sample(range(len(conversations)),
+                                                        round(cfg.rag * len(conversations))))
+    out = []
+    for i, conv in enumerate(conversations):
+        passages = retrieve(db, [row], conv.user, cfg.p, count) if i in chosen else []
+        out.append(replace(conv, context=rag_system_prompt(passages)) if passages else conv)
+    return out
+
+
 def _write_in_shards(folder: Path, conversations: list) -> None:
     for i in range(0, len(conversations), SHARD_SIZE):
         write_shard(folder, conversations[i:i + SHARD_SIZE])
@@ -552,6 +571,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             raise UserError("self-study produced no usable conversations")
         conversations, heldout = split_heldout(conversations, cfg.heldout, cfg.seed)
         n_selfstudy = len(conversations)  # what `train` reports; quoting conversations come on top
+        if cfg.rag > 0:  # the passages cartridge+rag would add, from this version only
+            conversations = with_passages(db, row, conversations, cfg, lm.tokenizer)
         if cfg.verbatim > 0:  # the folder's own words beside self-study (changed files only when incremental)
             k = conversations[0].topk_ids.shape[1]
             conversations = conversations + verbatim_conversations(
