@@ -125,3 +125,11 @@ def excerpt(passage: Passage) -> str:
 
 def rag_system_prompt(passages: list[Passage]) -> str:
     return RAG_SYSTEM_PROMPT.format(excerpts="".join(excerpt(p) for p in passages).rstrip())
+
+
+def rag_prompt(db, versions: list[dict], question: str, budget_tokens: int, tokenizer) -> tuple[str, list[Passage]]:
+    """The rag system prompt for `question` (passages of `versions` within `budget_tokens` of `tokenizer`'s
+    tokens) and the passages in it: what chat, eval and training with passages put after the cartridge."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    passages = retrieve(db, versions, question, budget_tokens, count)
+    return rag_system_prompt(passages), passages

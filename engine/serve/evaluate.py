@@ -151,15 +151,14 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     context = None
     if any(m in RAG_MODES for m in modes):
         from engine.serve.inference import _cartridge_p
-        from engine.corpus.retrieval import rag_system_prompt, retrieve
+        from engine.corpus.retrieval import rag_prompt
 
         if rag_tokens is not None and rag_tokens < 1:
             raise UserError("--rag-tokens must be at least 1")
         budget = rag_tokens or (cartridge.p if cartridge is not None else _cartridge_p(row))
 
         def rag_context(question: str) -> str:
-            count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-            return rag_system_prompt(retrieve(db, [row], question, budget, count))
+            return rag_prompt(db, [row], question, budget, lm.tokenizer)[0]
         context = rag_context
     if "init" in modes:
         sampler = ChunkSampler(documents, None if lm.spec == "default" else lm.spec)

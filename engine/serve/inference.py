@@ -138,16 +138,15 @@ class Chat:
 
     def retrieve(self, question: str) -> str:
         """The rag system prompt for `question` (and the passages' sources, kept for the reply)."""
-        from engine.corpus.retrieval import rag_system_prompt, retrieve
+        from engine.corpus.retrieval import rag_prompt
 
         db = registry.open_registry()
         try:
-            passages = retrieve(db, self.target.versions, question, self.target.rag_tokens,
-                                lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+            prompt, passages = rag_prompt(db, self.target.versions, question, self.target.rag_tokens, self.tokenizer)
         finally:
             db.close()
         self.sources = [p.source() for p in passages]
-        return rag_system_prompt(passages)
+        return prompt
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.target.mode in RAG_MODES:

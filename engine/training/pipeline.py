@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from engine.cartridge.metadata import trained_setting
@@ -416,17 +416,14 @@ def _replay_count(n_kept: int, n_fresh: int, cfg: TrainConfig) -> int:
 def with_passages(db, row: dict, conversations: list, cfg: TrainConfig, tokenizer) -> list:
     """A seeded `cfg.rag` share of the conversations with the passages retrieved for their question (from
     the version `row` alone, p tokens as chat's cartridge+rag) as the student's system prompt."""
-    from dataclasses import replace
+    from engine.corpus.retrieval import rag_prompt
 
-    from engine.corpus.retrieval import rag_system_prompt, retrieve
-
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     chosen = set(random.Random(f"rag-{cfg.seed}").sample(range(len(conversations)),
                                                         round(cfg.rag * len(conversations))))
     out = []
     for i, conv in enumerate(conversations):
-        passages = retrieve(db, [row], conv.user, cfg.p, count) if i in chosen else []
-        out.append(replace(conv, context=rag_system_prompt(passages)) if passages else conv)
+        prompt, passages = rag_prompt(db, [row], conv.user, cfg.p, tokenizer) if i in chosen else ("", [])
+        out.append(replace(conv, context=prompt) if passages else conv)
     return out
 
 
