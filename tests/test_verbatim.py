@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from conftest import ASSETS
 from engine.corpus.chunks import ChunkSampler, assemble, version_documents
 from engine.corpus.ingest import ingest
 from engine.engines.tokenizer import load_tokenizer
-from engine.selfstudy.verbatim import OFF_ROW, cloze_conversations, verbatim_conversations
+from engine.selfstudy.verbatim import OFF_ROW, cloze_conversations, topic_conversations, verbatim_conversations
 from engine.store import registry
 from engine.training import pipeline
 
@@ -53,6 +55,22 @@ def test_cloze_conversations_blank_one_fact_of_a_corpus_sentence(db):
     assert [c.seed_type for c in mixed].count("cloze") == 2 and len(mixed) == 8
     assert [c.user for c in mixed if c.seed_type == "verbatim"] == \
         [c.user for c in verbatim_conversations(tokenizer, sampler, 8, seed=5, k=5)][:6]  # the quotes stay seeded
+
+
+def test_topic_conversations_answer_a_name_with_the_corpus_sentences_that_give_it(db):
+    documents = version_documents(db, ingest(ASSETS / "sample", db=db).version)
+    sampler, tokenizer = ChunkSampler(documents), load_tokenizer(None)
+    corpus = " ".join(assemble(documents).split())
+    made = topic_conversations(tokenizer, sampler, 8, seed=2, k=5)
+    assert len(made) == 8 and all(c.seed_type == "topic" for c in made)
+    for conv in made:
+        topic = conv.user.removeprefix("What does the text say about ").removesuffix("?")
+        answer = tokenizer.decode(conv.answer_ids[:-1])
+        assert topic and topic in answer  # the answer is about the topic the user names ...
+        assert all(part in corpus for part in re.split(r"(?<=[.!?])\s+", answer))  # ... in the corpus's words
+        assert conv.answer_ids[-1] == tokenizer.eos_token_id
+    mixed = verbatim_conversations(tokenizer, sampler, 8, seed=2, k=5, topics=0.5)
+    assert [c.seed_type for c in mixed].count("topic") == 4 and len(mixed) == 8
 
 
 def test_training_adds_quoting_conversations(db):

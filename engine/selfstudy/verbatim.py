@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.engines.decoding import turn_end_id
 from engine.selfstudy.conversations import Conversation
-from engine.selfstudy.prompts import body_sentences
+from engine.selfstudy.prompts import NAME, SENTENCE_WORDS, body_sentences
 
 OPENING_WORDS = 10  # what the user quotes to name the passage
 ANSWER_TOKENS = 96  # the passage that follows
@@ -42,11 +42,15 @@ def _one_hot_target(tokens: list[int], stop: int, k: int) -> tuple[list[int], np
 
 
 def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
-                           only_files: set[str] | None = None, cloze: float = 0.0) -> list[Conversation]:
+                           only_files: set[str] | None = None, cloze: float = 0.0,
+                           topics: float = 0.0) -> list[Conversation]:
     """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded;
-    a `cloze` share of them are fill-in-the-blank sentences instead (see `cloze_conversations`)."""
-    n_cloze = round(n * cloze)
+    a `cloze` share of them are fill-in-the-blank sentences instead (see `cloze_conversations`), a `topics`
+    share questions about a name answered with the sentences that give it (see `topic_conversations`)."""
+    n_cloze, n_topics = round(n * cloze), round(n * topics)
     made = cloze_conversations(tokenizer, sampler, n_cloze, seed, k=k, only_files=only_files) if n_cloze else []
+    if n_topics:
+        made += topic_conversations(tokenizer, sampler, n_topics, seed, k=k, only_files=only_files)
     rng = random.Random(f"verbatim-{seed}")
     stop = turn_end_id(tokenizer)  # where the teacher's own answers end
     for _attempt in range(4 * n):
@@ -91,4 +95,38 @@ def cloze_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         made.append(Conversation(user=f'Fill in the blank from the text: "{blanked}"', answer_ids=ids,
                                  topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
                                  file_hashes=list(chunk.file_hashes), seed_type="cloze"))
+    return made
+
+
+def topic_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
+                        only_files: set[str] | None = None) -> list[Conversation]:
+    """`n` conversations that ask what the text says about a name or figure of one of its sentences, answered
+    with that sentence and the next, word for word. A question names a fact by its topic, not by the words
+    just before it, so these train the way back from a topic to the folder's own sentence about it."""
+    rng = random.Random(f"topic-{seed}")
+    stop = turn_end_id(tokenizer)
+    made: list[Conversation] = []
+    for _attempt in range(8 * n):
+        if len(made) >= n:
+            break
+        chunk = sampler.sample(ANSWER_TOKENS + 80, rng, only_files)
+        sentences = [s for s in body_sentences(chunk.text)[1:-1] if 6 <= len(s.split()) <= 80]
+        candidates = []
+        for i, sentence in enumerate(sentences):
+            for match in NAME.finditer(sentence):
+                words = match.group(0).rstrip(".,:;").split()
+                if words and words[0] in SENTENCE_WORDS:
+                    words = words[1:]
+                if len(" ".join(words)) > 3:
+                    candidates.append((i, " ".join(words)))
+        if not candidates:
+            continue
+        i, topic = rng.choice(candidates)
+        if len(tokenizer(sentences[i], add_special_tokens=False)["input_ids"]) > ANSWER_TOKENS:
+            continue  # the sentence that gives the topic is always whole
+        tokens = tokenizer(" ".join(sentences[i:i + 2]), add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]
+        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
+        made.append(Conversation(user=f"What does the text say about {topic}?", answer_ids=ids,
+                                 topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
+                                 file_hashes=list(chunk.file_hashes), seed_type="topic"))
     return made

@@ -63,6 +63,7 @@ class TrainConfig:
     # quoting conversations (the corpus's own words, see engine.selfstudy.verbatim) per self-study one trained
     verbatim: float = 0.0
     cloze: float = 0.0  # share of the quoting conversations that blank out a fact of a sentence instead
+    topics: float = 0.0  # share of them that ask about a name of a sentence, answered with that sentence
     # share of the self-study conversations trained with the passages retrieved for their question in the
     # student's prompt, as chat's cartridge+rag mode puts them after the cartridge (budget: p tokens)
     rag: float = 0.0

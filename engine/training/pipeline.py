@@ -90,8 +90,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--answer-tokens must be positive")
     if cfg.verbatim < 0:
         raise UserError("verbatim must be 0 or more (quoting conversations per self-study one)")
-    if not 0 <= cfg.cloze <= 1 or not 0 <= cfg.rag <= 1:
-        raise UserError("cloze and rag are shares: between 0 and 1")
+    if not 0 <= cfg.cloze <= 1 or not 0 <= cfg.topics <= 1 or not 0 <= cfg.rag <= 1 or cfg.cloze + cfg.topics > 1:
+        raise UserError("cloze, topics and rag are shares: between 0 and 1 (cloze + topics at most 1)")
     for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
                                  ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
         if value not in allowed:
@@ -574,7 +574,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             k = conversations[0].topk_ids.shape[1]
             conversations = conversations + verbatim_conversations(
                 lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed, k=k,
-                only_files=set(plan.changed_files) if plan.kind == "incremental" else None, cloze=cfg.cloze)
+                only_files=set(plan.changed_files) if plan.kind == "incremental" else None, cloze=cfg.cloze,
+                topics=cfg.topics)
             if heldout:  # recall probes: the kept state must also know the folder's words (distill.HeldOut)
                 heldout = heldout + verbatim_conversations(
                     lm.tokenizer, sampler, max(4, verbatim_count(len(heldout), cfg.verbatim)), f"{cfg.seed}-probes", k=k)
