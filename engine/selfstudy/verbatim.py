@@ -41,6 +41,19 @@ def _one_hot_target(tokens: list[int], stop: int, k: int) -> tuple[list[int], np
     return ids, rows, logprobs
 
 
+def _quote(user: str, tokens: list[int], stop: int, k: int, chunk, seed_type: str) -> Conversation:
+    """A conversation answered with `tokens` of the corpus, word for word."""
+    ids, rows, logprobs = _one_hot_target(tokens, stop, k)
+    return Conversation(user=user, answer_ids=ids, topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
+                        file_hashes=list(chunk.file_hashes), seed_type=seed_type)
+
+
+def _whole_sentences(chunk, min_words: int, max_words: int) -> list[str]:
+    """The chunk's sentences of `min_words` to `max_words`, leaving out its first and last pieces, which may be
+    cut mid-sentence."""
+    return [s for s in body_sentences(chunk.text)[1:-1] if min_words <= len(s.split()) <= max_words]
+
+
 def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
                            only_files: set[str] | None = None, cloze: float = 0.0,
                            topics: float = 0.0) -> list[Conversation]:
@@ -62,10 +75,7 @@ def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: in
             continue  # a passage too short to quote
         opening, passage = " ".join(words[:OPENING_WORDS]), " ".join(words[OPENING_WORDS:])
         tokens = tokenizer(passage, add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]
-        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
-        made.append(Conversation(user=f'How does the text continue after "{opening}"?', answer_ids=ids,
-                                 topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
-                                 file_hashes=list(chunk.file_hashes), seed_type="verbatim"))
+        made.append(_quote(f'How does the text continue after "{opening}"?', tokens, stop, k, chunk, "verbatim"))
     return made
 
 
@@ -81,8 +91,7 @@ def cloze_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         if len(made) >= n:
             break
         chunk = sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
-        # whole sentences only: the chunk's first and last pieces may be cut mid-sentence
-        sentences = [s for s in body_sentences(chunk.text)[1:-1] if 8 <= len(s.split()) <= 60]
+        sentences = _whole_sentences(chunk, 8, 60)
         candidates = [(s, m) for s in sentences for m in FACT.finditer(s) if m.start() > 0]
         if not candidates:
             continue
@@ -91,10 +100,7 @@ def cloze_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         if len(tokens) > ANSWER_TOKENS:
             continue  # the answer is the whole sentence
         blanked = sentence[:match.start()] + "___" + sentence[match.end():]
-        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
-        made.append(Conversation(user=f'Fill in the blank from the text: "{blanked}"', answer_ids=ids,
-                                 topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
-                                 file_hashes=list(chunk.file_hashes), seed_type="cloze"))
+        made.append(_quote(f'Fill in the blank from the text: "{blanked}"', tokens, stop, k, chunk, "cloze"))
     return made
 
 
@@ -110,7 +116,7 @@ def topic_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         if len(made) >= n:
             break
         chunk = sampler.sample(ANSWER_TOKENS + 80, rng, only_files)
-        sentences = [s for s in body_sentences(chunk.text)[1:-1] if 6 <= len(s.split()) <= 80]
+        sentences = _whole_sentences(chunk, 6, 80)
         candidates = []
         for i, sentence in enumerate(sentences):
             for match in NAME.finditer(sentence):
@@ -125,8 +131,5 @@ def topic_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
         if len(tokenizer(sentences[i], add_special_tokens=False)["input_ids"]) > ANSWER_TOKENS:
             continue  # the sentence that gives the topic is always whole
         tokens = tokenizer(" ".join(sentences[i:i + 2]), add_special_tokens=False)["input_ids"][:ANSWER_TOKENS]
-        ids, rows, logprobs = _one_hot_target(tokens, stop, k)
-        made.append(Conversation(user=f"What does the text say about {topic}?", answer_ids=ids,
-                                 topk_ids=rows, topk_logprobs=logprobs, files=list(chunk.files),
-                                 file_hashes=list(chunk.file_hashes), seed_type="topic"))
+        made.append(_quote(f"What does the text say about {topic}?", tokens, stop, k, chunk, "topic"))
     return made
