@@ -39,20 +39,24 @@ def chunk_features(text: str) -> dict[str, list[str]]:
     # Markdown headings (in code, "# ----- section" comments too): worded, and short enough to be a title.
     headings = [h for h in headings if 2 < len(h) <= 80 and re.search(r"[^\W\d_]{3,}", h)]
     body = "\n".join(line for line in lines if not line.startswith("#"))
-    names = []
-    for match in NAME.finditer(body):
-        words = match.group(0).rstrip(".,:;").split()
-        if words[0] in SENTENCE_WORDS:  # "The Wood Shop" -> "Wood Shop"
-            words = words[1:]
-        name = " ".join(words)
-        if len(name) > 4 and not re.fullmatch(r"[\d\s.,:]+", name):
-            names.append(name)
+    names = [name for name in find_names(body) if len(name) > 4 and not re.fullmatch(r"[\d\s.,:]+", name)]
     sentences = [s for s in body_sentences(text) if len(s.split()) >= 10]
     sections = [h for h in headings if not h.endswith("?")]
     return {"section": sections,
             "question": [h for h in headings if h.endswith("?")],
             "topic": list(dict.fromkeys(names)) + sections,
             "opening": [" ".join(s.lstrip("-*0123456789. ").split()[:8]) for s in sentences]}
+
+
+def find_names(text: str) -> list[str]:
+    """The names and figures of `text` (see NAME), without trailing punctuation or a sentence's first word."""
+    names = []
+    for match in NAME.finditer(text):
+        words = match.group(0).rstrip(".,:;").split()
+        if words[0] in SENTENCE_WORDS:  # "The Wood Shop" -> "Wood Shop"
+            words = words[1:]
+        names.append(" ".join(words))
+    return names
 
 
 def body_sentences(text: str) -> list[str]:

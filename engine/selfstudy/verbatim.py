@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.engines.decoding import turn_end_id
 from engine.selfstudy.conversations import Conversation
-from engine.selfstudy.prompts import NAME, SENTENCE_WORDS, body_sentences
+from engine.selfstudy.prompts import body_sentences, find_names
 
 OPENING_WORDS = 10  # what the user quotes to name the passage
 ANSWER_TOKENS = 96  # the passage that follows
@@ -117,14 +117,8 @@ def topic_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int =
             break
         chunk = sampler.sample(ANSWER_TOKENS + 80, rng, only_files)
         sentences = _whole_sentences(chunk, 6, 80)
-        candidates = []
-        for i, sentence in enumerate(sentences):
-            for match in NAME.finditer(sentence):
-                words = match.group(0).rstrip(".,:;").split()
-                if words and words[0] in SENTENCE_WORDS:
-                    words = words[1:]
-                if len(" ".join(words)) > 3:
-                    candidates.append((i, " ".join(words)))
+        candidates = [(i, name) for i, sentence in enumerate(sentences) for name in find_names(sentence)
+                      if len(name) > 3]
         if not candidates:
             continue
         i, topic = rng.choice(candidates)
