@@ -50,7 +50,6 @@ def server(tmp_path_factory):
 def test_the_server_teacher_is_the_local_llamacpp_teacher(server):
     """Same greedy answer and the same top-20 log-probabilities (ids and values) as llama.cpp in-process."""
     from engine.engines.decoding import stop_ids
-    from engine.engines.llamacpp import topk_logprobs
     from engine.engines.llamacpp_worker import LlamaCppProcess
     from engine.engines.models import chat_ids, context_system_prompt
     from engine.engines.server import ServerClient
@@ -67,15 +66,14 @@ def test_the_server_teacher_is_the_local_llamacpp_teacher(server):
     served = client.generate(prompt, 40, temperature=0.0, k=20, stop_ids=stop)
     assert served.tokens and served.topk_ids.shape == (len(served.tokens) + served.stopped, 20)
 
-    rows = []
     with LlamaCppProcess(None, n_ctx=2048) as engine:
-        local = engine.generate_stats(prompt, 40, 0.0, stop, on_logits=lambda logits: rows.append(topk_logprobs(logits, 20)))
+        local = engine.generate_stats(prompt, 40, 0.0, stop, topk=20)
     # The server evaluates in other batch shapes than the app's worker, and llama.cpp's CPU kernels round
     # differently by batch shape (log-probs differ by ~0.05, at most ~0.2 on this model): the answers agree
     # until a near-tie, and along that common prefix the teacher rows hold the same ids with close values.
     same = next((i for i, (a, b) in enumerate(zip(local.tokens, served.tokens)) if a != b),
                 min(len(local.tokens), len(served.tokens)))
-    local_ids, local_lp = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    local_ids, local_lp = local.topk_ids, local.topk_logprobs
     gap = np.abs(local_lp[:same, :5] - served.topk_logprobs[:same, :5])
     assert same >= 16
     if same < len(served.tokens):  # where they part, the two best tokens were nearly tied

@@ -394,6 +394,8 @@ class GenerationStats:
     decode_s: float  # time spent producing tokens 2..n
     total_s: float
     stopped: bool = False  # ended on a stop token (not on max_new_tokens or should_stop)
+    topk_ids: np.ndarray | None = None  # with `topk`: [one row per chosen token (stop included), k]
+    topk_logprobs: np.ndarray | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -785,33 +787,35 @@ class LlamaCppEngine:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
-                 rng: np.random.Generator | None = None, on_logits: Callable[[np.ndarray], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, guard=None) -> list[int]:
+                 rng: np.random.Generator | None = None, should_stop: Callable[[], bool] | None = None,
+                 guard=None) -> list[int]:
         """Decode after cartridge + `prompt_ids`; greedy at temperature 0, else sampled from softmax(logits / T).
 
-        Streams every kept token to `on_token`; `on_logits` sees the logits each token was chosen from
-        (also for a stop token, which ends the answer and is not returned). A `engine.engines.decoding.LoopGuard`
+        Streams every kept token to `on_token`. A `engine.engines.decoding.LoopGuard`
         bans the tokens it lists and ends the answer once it loops (the caller keeps `guard.kept()`).
         """
-        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                              should_stop, guard).tokens
+        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, should_stop,
+                              guard).tokens
 
     def timed_generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                        stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
                        rng: np.random.Generator | None = None) -> GenerationStats:
         """`generate` with time to first token and decode speed."""
-        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, None, None)
+        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, None)
 
     def generate_stats(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                        stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None, *,
-                       rng: np.random.Generator | None = None, on_logits: Callable[[np.ndarray], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None, guard=None) -> GenerationStats:
-        """`generate` returning the full GenerationStats (tokens, timings, whether a stop token ended it)."""
-        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                              should_stop, guard)
+                       rng: np.random.Generator | None = None, should_stop: Callable[[], bool] | None = None,
+                       guard=None, topk: int = 0) -> GenerationStats:
+        """`generate` returning the full GenerationStats (tokens, timings, whether a stop token ended it).
 
-    def _generate(self, prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, on_logits,
-                  should_stop, guard=None) -> GenerationStats:
+        With `topk`, the stats also hold the top-k log-probabilities of the logits each token was chosen from
+        (a stop token's too), computed here: in the worker process, with no round trip per token."""
+        return self._generate(prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, should_stop,
+                              guard, topk)
+
+    def _generate(self, prompt_ids, max_new_tokens, temperature, stop_ids, on_token, rng, should_stop,
+                  guard=None, topk: int = 0) -> GenerationStats:
         if stop_ids is None:
             stop_ids = self.eos_ids()
         if temperature > 0 and rng is None:
@@ -823,12 +827,13 @@ class LlamaCppEngine:
             return GenerationStats([], len(prompt_ids), 0.0, 0.0, 0.0)
         logits = self.prefill(prompt_ids)
         stopped = False
+        rows: list[tuple[np.ndarray, np.ndarray]] = []
         for step in range(max_new_tokens):
             if guard is not None and (banned := guard.banned()):
                 logits[banned] = -np.inf
             token = sample(logits, temperature, rng)
-            if on_logits is not None:
-                on_logits(logits)
+            if topk:
+                rows.append(topk_logprobs(logits, topk))
             if first_at is None:
                 first_at = time.perf_counter()
             ended = accept(token, out, stop_ids, on_token, guard)
@@ -840,7 +845,11 @@ class LlamaCppEngine:
             logits = self.eval([token])
         end = time.perf_counter()
         first_at = first_at or end
-        return GenerationStats(out, len(prompt_ids), first_at - start, end - first_at, end - start, stopped)
+        stats = GenerationStats(out, len(prompt_ids), first_at - start, end - first_at, end - start, stopped)
+        if topk:
+            stats.topk_ids = np.stack([r[0] for r in rows]) if rows else np.zeros((0, topk), np.int32)
+            stats.topk_logprobs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, topk), np.float32)
+        return stats
 
 
 def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> int:

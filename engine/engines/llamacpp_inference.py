@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from engine.engines.decoding import Generated
-from engine.engines.llamacpp import topk_logprobs
 
 
 class LlamaCppInference:
@@ -43,22 +42,14 @@ class LlamaCppInference:
                  stop_ids: set[int] | None = None, on_token=None, guard=None, should_stop=None,
                  rng: np.random.Generator | None = None) -> Generated:
         """With `k`, the top-k rows come from the very logits that chose each token: no second pass."""
-        rows_ids: list[np.ndarray] = []
-        rows_lp: list[np.ndarray] = []
-
-        def keep_topk(logits: np.ndarray) -> None:
-            ids, lp = topk_logprobs(logits, k)
-            rows_ids.append(ids)
-            rows_lp.append(lp)
-
-        callbacks = {name: f for name, f in (("on_token", on_token), ("should_stop", should_stop),
-                                             ("on_logits", keep_topk if k else None)) if f is not None}
-        out = self.llama.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=rng, guard=guard, **callbacks)
+        callbacks = {name: f for name, f in (("on_token", on_token), ("should_stop", should_stop)) if f is not None}
+        out = self.llama.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=rng, guard=guard, topk=k,
+                                        **callbacks)
         if not k:
             return Generated(list(out.tokens), out.stopped)
-        if not rows_ids:
+        if out.topk_ids is None:
             return Generated(list(out.tokens), out.stopped, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
-        return Generated(list(out.tokens), out.stopped, np.stack(rows_ids), np.stack(rows_lp))
+        return Generated(list(out.tokens), out.stopped, out.topk_ids, out.topk_logprobs)
 
     def score(self, ids: list[int], first: int) -> float:
         self.llama.truncate(0)

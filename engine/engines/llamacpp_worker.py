@@ -6,7 +6,7 @@ first) and never loads torch. A crash in native code (a segmentation fault, an i
 the worker only: the app gets a UserError that names the signal, and the next chat starts a new worker.
 
 Calls go over a local authenticated connection: (method, args, kwargs, callback names) in, the result out. Callbacks
-(`on_token`, `on_logits`, `should_stop`) are called back in the app's process, one round trip each; the
+(`on_token`, `should_stop`) are called back in the app's process, one round trip each; the
 random generator and the loop guard a call mutates come back with its result and are copied into the
 caller's objects, so a call behaves as it does in process.
 """

@@ -11,7 +11,7 @@ import random
 import numpy as np
 
 from engine.engines.base import InferenceEngine
-from engine.engines.decoding import loop_start
+from engine.engines.decoding import LoopGuard
 from engine.engines.models import chat_ids
 from engine.selfstudy.conversations import Conversation
 from engine.selfstudy.prompts import (
@@ -59,9 +59,10 @@ def self_study_conversation(teacher: InferenceEngine, tokenizer, chunk, seeds: d
         return None
 
     prompt = chat_ids(tokenizer, [system, {"role": "user", "content": user}], add_generation_prompt=True)
-    so_far: list[int] = []  # the answer ends where it starts looping (what follows is cut anyway)
+    # The answer ends where it starts looping (what follows is cut anyway). A guard, not per-token
+    # callbacks: an engine in a worker process follows it there.
     answer = teacher.generate(prompt, max_answer_tokens, temperature=0.0, k=k, stop_ids=stop, rng=sampler,
-                              on_token=so_far.append, should_stop=lambda: loop_start(so_far) is not None)
+                              guard=LoopGuard())
     answer_ids = list(answer.tokens)
     keep = kept_answer_length(answer_ids)
     if keep is None or answer.topk_ids is None:
