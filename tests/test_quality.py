@@ -219,6 +219,32 @@ def test_spread_excerpts_fit_the_cartridge():
         assert "word5x" in text
 
 
+def test_attention_scores_are_what_eager_attention_weights_sum_to(monkeypatch):
+    """The chunked scores equal the column sums of the full attention matrices the model's eager attention
+    returns, chunk edges included."""
+    from engine.cartridge import kv_select
+
+    lm = shared_tiny_lm()
+    ids = kv_select.corpus_ids(lm, "The ferry leaves at nine from pier four, the bus at ten. " * 3)
+    monkeypatch.setattr(kv_select, "QUERY_CHUNK", 7)
+    scores, _ = kv_select.attention_scores(lm, ids)
+    configs = {id(c): c for c in [lm.model.config] + [l.self_attn.config for l in lm.model.model.layers]}.values()
+    before = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = "eager"
+        with torch.no_grad():
+            attentions = lm.model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        for c, name in zip(configs, before):
+            c._attn_implementation = name
+    groups = lm.model.config.num_attention_heads // lm.n_kv_heads
+    assert len(ids) > 3 * 7 and len(scores) == len(attentions) == lm.n_layers
+    for got, weights in zip(scores, attentions):
+        want = weights[0].float().sum(1).view(lm.n_kv_heads, groups, -1).sum(1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_attention_initialisation_keeps_each_heads_most_attended_positions():
     from engine.cartridge.format import init_embeddings, prefix_embeddings
     from engine.corpus.chunks import ChunkSampler, Document

@@ -10,15 +10,15 @@ p=256: 53% against 32%.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
 
 from engine.engines.models import LoadedModel, chat_ids, context_system_prompt
 
-# The scores need each layer's full attention matrix once (heads x T x T floats): above this the corpus is
-# not read whole and the caller falls back to excerpts.
-MAX_ATTENTION_BYTES = 2 << 30
+# Attention scores are computed for this many queries at a time, so that no layer's T x T matrix is held.
+QUERY_CHUNK = 512
 
 
 def corpus_ids(lm: LoadedModel, corpus_text: str) -> list[int]:
@@ -28,45 +28,60 @@ def corpus_ids(lm: LoadedModel, corpus_text: str) -> list[int]:
 
 
 def fits(lm: LoadedModel, n_tokens: int) -> bool:
-    heads = lm.model.config.num_attention_heads
-    return n_tokens <= lm.max_positions and heads * n_tokens * n_tokens * 4 <= MAX_ATTENTION_BYTES
+    return n_tokens <= lm.max_positions
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The causal attention each position receives, summed over the queries ([heads, T]), for one sequence's
+    rotated `query` [heads, T, D] and `key` [kv_heads, T, D]; `QUERY_CHUNK` queries at a time, each chunk
+    against only the keys it can see, so that no T x T matrix is ever held."""
+    heads, n, _ = query.shape
+    key = key.float().repeat_interleave(heads // key.shape[0], dim=0)  # query head h reads KV head h // groups
+    received = torch.zeros(heads, n, device=query.device)
+    for start in range(0, n, QUERY_CHUNK):
+        end = min(n, start + QUERY_CHUNK)
+        logits = query[:, start:end].float() @ key[:, :end].transpose(1, 2) * scaling  # [heads, chunk, end]
+        # key j comes after query start + i: masked
+        future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu(start + 1)
+        received[:, :end] += logits.masked_fill_(future, float("-inf")).softmax(-1).sum(1)
+    return received
 
 
 @torch.no_grad()
 def attention_scores(lm: LoadedModel, ids: list[int]) -> tuple[list[torch.Tensor], object]:
     """Per layer, the attention each position receives from all later positions, summed over the query
-    heads of each KV head ([kv_heads, T]), and the KV cache of the same forward."""
+    heads of each KV head ([kv_heads, T]), and the KV cache of the same forward.
+
+    The forward runs with the model's own attention; a hook before each attention layer recomputes that
+    layer's rotated queries and keys from its input and scores them (`received_attention`)."""
     model = lm.model
     layers = model.model.layers
     groups = model.config.num_attention_heads // lm.n_kv_heads
     scores: list[torch.Tensor | None] = [None] * len(layers)
-
     owner = threading.get_ident()
 
     def keep_scores(index):
-        def hook(module, args, output):
+        def hook(module, args, kwargs):
             if threading.get_ident() != owner:  # another thread's forward on the shared model (a chat)
                 return None
-            weights = output[1]  # [1, heads, T, T], the eager implementation's softmax
-            received = weights[0].float().sum(1)  # [heads, T]
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            shape = (*hidden.shape[:-1], -1, module.head_dim)
+            query = module.q_proj(hidden).view(shape).transpose(1, 2)
+            key = module.k_proj(hidden).view(shape).transpose(1, 2)
+            query, key = sys.modules[type(module).__module__].apply_rotary_pos_emb(query, key, cos, sin)
+            received = received_attention(query[0], key[0], module.scaling)
             scores[index] = received.view(lm.n_kv_heads, groups, -1).sum(1)
-            return (output[0], None)  # drop the T x T matrix at once
+            return None
         return hook
 
-    # Eager attention is the implementation that returns its weights; it is set for this forward only (a
-    # forward of another thread meanwhile gives the same results, through the slower implementation).
-    configs = {id(c): c for c in [model.config] + [layer.self_attn.config for layer in layers]}.values()
-    before = [c._attn_implementation for c in configs]
-    handles = [layer.self_attn.register_forward_hook(keep_scores(i)) for i, layer in enumerate(layers)]
+    handles = [layer.self_attn.register_forward_pre_hook(keep_scores(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
     try:
-        for c in configs:
-            c._attn_implementation = "eager"
         out = model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
-        for c, name in zip(configs, before):
-            c._attn_implementation = name
     return scores, out.cache
 
 
