@@ -306,8 +306,9 @@ class Plan:
 # Measured with the quick preset on a 2-core CPU: llama.cpp self-study ~13 conversations a minute;
 # distillation per conversation per step at p=576 (held-out scoring included) ~1.8 s with fp32 matmuls and
 # ~0.7 s with bf16 ones (CPUs with AVX512-BF16 or AMX, see engine.engines.models); reading the sample's 5,000
-# tokens whole for the attention initialisation ~95 s / ~40 s (it grows with the square of the length; the
-# chunked scores of engine.cartridge.kv_select took 0.55x the time of whole attention matrices).
+# tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
+# the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s. It grows
+# with the square of the length.
 # Used for the estimate shown before a run.
 CPU_CONVERSATIONS_PER_MIN = 13.0
 CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.7}
