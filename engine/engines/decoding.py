@@ -25,6 +25,14 @@ class Generated:
     topk_logprobs: np.ndarray | None = None
 
 
+def stack_topk(ids_rows: list[np.ndarray], lp_rows: list[np.ndarray], k: int):
+    """The per-token top-k rows as [n, k] arrays (int32 ids, float32 log-probs; n may be 0), or (None, None)
+    when no rows were asked for (k = 0)."""
+    if not k:
+        return None, None
+    return (np.stack(ids_rows) if ids_rows else np.zeros((0, k), np.int32),
+            np.stack(lp_rows) if lp_rows else np.zeros((0, k), np.float32))
+
 def loop_start(ids: list[int], n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> int | None:
     """Where an answer starts saying the same n tokens for the `times`-th time; None when it does not loop."""
     seen: dict[tuple, int] = {}

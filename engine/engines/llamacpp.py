@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.engines.decoding import accept
+from engine.engines.decoding import accept, stack_topk
 from engine.errors import CartridgeMismatch, UserError
 
 KNOWN_VERSIONS = ("0.3.36",)
@@ -823,17 +823,20 @@ class LlamaCppEngine:
         start = time.perf_counter()
         out: list[int] = []
         first_at = None
+        ids_rows: list[np.ndarray] = []
+        lp_rows: list[np.ndarray] = []
         if max_new_tokens <= 0:
-            return GenerationStats([], len(prompt_ids), 0.0, 0.0, 0.0)
+            return GenerationStats([], len(prompt_ids), 0.0, 0.0, 0.0, False, *stack_topk(ids_rows, lp_rows, topk))
         logits = self.prefill(prompt_ids)
         stopped = False
-        rows: list[tuple[np.ndarray, np.ndarray]] = []
         for step in range(max_new_tokens):
             if guard is not None and (banned := guard.banned()):
                 logits[banned] = -np.inf
             token = sample(logits, temperature, rng)
             if topk:
-                rows.append(topk_logprobs(logits, topk))
+                ids, lp = topk_logprobs(logits, topk)
+                ids_rows.append(ids)
+                lp_rows.append(lp)
             if first_at is None:
                 first_at = time.perf_counter()
             ended = accept(token, out, stop_ids, on_token, guard)
@@ -845,11 +848,8 @@ class LlamaCppEngine:
             logits = self.eval([token])
         end = time.perf_counter()
         first_at = first_at or end
-        stats = GenerationStats(out, len(prompt_ids), first_at - start, end - first_at, end - start, stopped)
-        if topk:
-            stats.topk_ids = np.stack([r[0] for r in rows]) if rows else np.zeros((0, topk), np.int32)
-            stats.topk_logprobs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, topk), np.float32)
-        return stats
+        return GenerationStats(out, len(prompt_ids), first_at - start, end - first_at, end - start, stopped,
+                               *stack_topk(ids_rows, lp_rows, topk))
 
 
 def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> int:

@@ -45,10 +45,6 @@ class LlamaCppInference:
         callbacks = {name: f for name, f in (("on_token", on_token), ("should_stop", should_stop)) if f is not None}
         out = self.llama.generate_stats(prompt, max_tokens, temperature, stop_ids, rng=rng, guard=guard, topk=k,
                                         **callbacks)
-        if not k:
-            return Generated(list(out.tokens), out.stopped)
-        if out.topk_ids is None:
-            return Generated(list(out.tokens), out.stopped, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
         return Generated(list(out.tokens), out.stopped, out.topk_ids, out.topk_logprobs)
 
     def score(self, ids: list[int], first: int) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.cartridge.format import kv_bytes, prefix_embeddings, to_cache
-from engine.engines.decoding import Generated, accept
+from engine.engines.decoding import Generated, accept, stack_topk
 from engine.engines.models import LoadedModel
 
 
@@ -79,11 +79,7 @@ class TorchEngine:
                 if should_stop is not None and should_stop():
                     break
                 ids = [token]
-        if not k:
-            return Generated(out, stopped)
-        if not rows_ids:
-            return Generated(out, stopped, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
-        return Generated(out, stopped, np.stack(rows_ids), np.stack(rows_lp))
+        return Generated(out, stopped, *stack_topk(rows_ids, rows_lp, k))
 
     @torch.no_grad()
     def score(self, ids: list[int], first: int) -> float:
