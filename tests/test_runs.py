@@ -152,3 +152,29 @@ def test_a_resumed_synthesis_makes_what_an_uninterrupted_one_makes(tmp_path):
     whole, again = read_conversations(tmp_path / "whole"), read_conversations(resumed)
     assert [c.slot for c in again] == [c.slot for c in whole]
     assert [(c.user, c.answer_ids.tolist()) for c in again] == [(c.user, c.answer_ids.tolist()) for c in whole]
+
+
+def test_several_conversations_per_chunk_come_in_a_row_about_the_same_chunk(tmp_path):
+    """With `chunk_questions`, each sampled chunk gets that many conversations one after another (their own
+    slots and random streams; llama.cpp keeps the chunk's prompt for the next one), and the chunks cover
+    the files as one conversation per chunk would."""
+    from conftest import ASSETS
+    from engine.selfstudy.conversations import read_conversations
+    from engine.corpus.chunks import ChunkSampler, Document
+    from engine.engines.models import load_model
+    from engine.training.pipeline import make_config, synthesize_version
+
+    docs = [Document(p.name, p.name, p.read_text()) for p in sorted((ASSETS / "sample").glob("*.md"))]
+    lm, sampler = load_model(None, None), ChunkSampler(docs)
+    cfg = make_config("quick", conversations=6, chunk_tokens=96, max_user_tokens=32, max_answer_tokens=24,
+                      chunk_questions=2)
+    assert synthesize_version(lm, sampler, tmp_path / "pairs", cfg) == 6
+    convs = read_conversations(tmp_path / "pairs")
+    first_round = [c for c in convs if c.slot[0] == 0]  # a rejected user turn is made up in a later round
+    slots = [c.slot[1] for c in first_round]
+    assert slots == sorted(set(slots)) and len(first_round) >= 4
+    files = [chunk.files for chunk in sampler.sample_many(3, 96, seed=cfg.seed, cover=True)]
+    assert len({f[0] for f in files}) == 3  # three chunks, one per file, as cover draws them
+    assert all(c.files == files[c.slot[1] // 2] for c in first_round)  # slots 2j and 2j+1: chunk j
+    pairs = [(a, b) for a, b in zip(first_round, first_round[1:]) if a.slot[1] // 2 == b.slot[1] // 2]
+    assert pairs and all(a.user != b.user for a, b in pairs)  # each its own question

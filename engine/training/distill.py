@@ -50,6 +50,8 @@ class TrainConfig:
     max_answer_tokens: int = 192  # synthesis: answer length cap
     max_user_tokens: int = 96  # synthesis: user message length cap
     seed_mix: str = ""  # synthesis: how often each seed type is drawn, e.g. "question:4,recall:2" ("": uniformly)
+    # synthesis: conversations per sampled chunk; they share the chunk's prompt, evaluated once on llama.cpp
+    chunk_questions: int = 1
     # "chunk": the teacher answers from the sampled chunk; "corpus": from the whole corpus (a window around
     # the chunk when too long). Measured on the sample with quick: chunk 47.0% of icl's NLL gain, corpus 43.6%.
     teacher: str = "chunk"

@@ -177,6 +177,8 @@ def _synth_settings(cfg: TrainConfig, fingerprint: str, corpus: dict, row: dict)
                 "teacher_tokens": cfg.teacher_tokens, "corpus_uid": corpus["uid"], "manifest_hash": row["manifest_hash"]}
     if cfg.seed_mix:  # absent when uniform, so conversations saved before the setting existed still match
         settings["seed_mix"] = cfg.seed_mix
+    if cfg.chunk_questions > 1:  # likewise absent at one conversation per chunk
+        settings["chunk_questions"] = cfg.chunk_questions
     return settings
 
 
@@ -225,12 +227,14 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
         if any(slot and slot[0] > attempt for slot in slots):
             continue  # this round was finished before an interruption
         carried = sum(slot is None for slot in slots)  # reused from an earlier version
-        chunks = sampler.sample_many(target - carried, cfg.chunk_tokens, seed=cfg.seed + 7919 * attempt,
-                                     only_files=only_files, cover=True)
-        for index, chunk in enumerate(chunks):
-            chunk.slot = (attempt, index)
+        per_chunk = max(1, cfg.chunk_questions)
+        chunks = sampler.sample_many(-(-(target - carried) // per_chunk), cfg.chunk_tokens,
+                                     seed=cfg.seed + 7919 * attempt, only_files=only_files, cover=True)
         if cfg.teacher == "corpus":
             chunks = sampler.with_teacher_context(chunks, teacher_budget(cfg, lm.max_positions))
+        # Each chunk's conversations come one after another: llama.cpp keeps the prompt they share.
+        chunks = [replace(chunk, slot=(attempt, index * per_chunk + j))
+                  for index, chunk in enumerate(chunks) for j in range(per_chunk)]
         done = [slot for slot in slots if slot and slot[0] == attempt]
         if done:
             order = [chunk.slot for chunk in chunks]
@@ -303,14 +307,15 @@ class Plan:
         return cls("full", cfg.conversations)
 
 
-# Measured with the quick preset on a 2-core CPU: llama.cpp self-study ~13 conversations a minute;
+# Measured with the quick preset on a 2-core CPU: llama.cpp self-study ~1.7 s per chunk prompt (shared by
+# the chunk's `chunk_questions` conversations) and ~1 s for each conversation's own turns;
 # distillation per conversation per step at p=576 (held-out scoring included) ~1.8 s with fp32 matmuls and
 # ~0.7 s with bf16 ones (CPUs with AVX512-BF16 or AMX, see engine.engines.models); reading the sample's 5,000
 # tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
 # the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s. It grows
 # with the square of the length.
 # Used for the estimate shown before a run.
-CPU_CONVERSATIONS_PER_MIN = 13.0
+CPU_SYNTHESIS_S = {"chunk": 1.7, "conversation": 1.0}
 CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.7}
 CPU_ATTENTION_INIT_S = {"fp32": 95.0, "bf16": 40.0}
 
@@ -332,7 +337,8 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
     line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
         matmuls = "bf16" if cpu_has_fast_bf16() else "fp32"
-        minutes = (to_make / CPU_CONVERSATIONS_PER_MIN
+        per_conversation = CPU_SYNTHESIS_S["conversation"] + CPU_SYNTHESIS_S["chunk"] / max(1, cfg.chunk_questions)
+        minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
         if cfg.init == "attention" and plan.kind == "full" and corpus_tokens < 8192:  # longer: excerpts, no cost
             minutes += CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / 5000) ** 2 / 60
