@@ -114,8 +114,9 @@ class TrainConfig:
 # NLL gain vs 39% from spread excerpts; see the README). 48 self-study conversations at least (8 per 1k
 # tokens), each with three quoting conversations beside it: on the sample 77.5% of icl's NLL gain vs 75.3%
 # for 96 with one quote each, in about 10 minutes instead of 15 on a 2-core CPU (synthesis ~13
-# conversations/min then, ~20 with two decode threads; 129 steps of ~2.5 s at p=576 with bf16 matmuls). With that much quoting lr 1e-2 beats
-# 5e-3 on the sample (82.7% vs 77.5%, ready in 9.6 minutes; 32 conversations with 4.5 quotes each: 78.5%).
+# conversations/min then, ~20 with two decode threads; 129 steps of ~2.5 s at p=576 with bf16 matmuls).
+# With that much quoting lr 1e-2 beats 5e-3 on the sample (82.7% vs 77.5%, ready in 9.6 minutes; 32
+# conversations with 4.5 quotes each: 78.5%).
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
 # is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
