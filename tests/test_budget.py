@@ -18,6 +18,8 @@ def test_conversations_scale_with_the_corpus_between_floor_and_cap():
     assert make_config("quick", max_answer_tokens=24).max_answer_tokens == 24  # train --answer-tokens
     with pytest.raises(UserError, match="--answer-tokens must be positive"):
         make_config("quick", max_answer_tokens=0)
+    with pytest.raises(UserError, match="chunk_questions must be at least 1"):
+        make_config("quick", chunk_questions=0)
     standard = make_config("standard")
     assert standard.conversations_for(2_000_000) == standard.max_conversations > standard.conversations_for(100_000)
 

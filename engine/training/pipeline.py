@@ -88,6 +88,8 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--conversations and --steps must be positive")
     if cfg.max_answer_tokens < 1:
         raise UserError("--answer-tokens must be positive")
+    if cfg.chunk_questions < 1:
+        raise UserError("chunk_questions must be at least 1 (self-study conversations per sampled chunk)")
     if cfg.verbatim < 0:
         raise UserError("verbatim must be 0 or more (quoting conversations per self-study one)")
     if not 0 <= cfg.cloze <= 1 or not 0 <= cfg.topics <= 1 or not 0 <= cfg.rag <= 1 or cfg.cloze + cfg.topics > 1:
@@ -227,7 +229,7 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
         if any(slot and slot[0] > attempt for slot in slots):
             continue  # this round was finished before an interruption
         carried = sum(slot is None for slot in slots)  # reused from an earlier version
-        per_chunk = max(1, cfg.chunk_questions)
+        per_chunk = cfg.chunk_questions
         chunks = sampler.sample_many(-(-(target - carried) // per_chunk), cfg.chunk_tokens,
                                      seed=cfg.seed + 7919 * attempt, only_files=only_files, cover=True)
         if cfg.teacher == "corpus":
@@ -337,7 +339,7 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
     line = f"plan: {what}, {steps} training steps of {cfg.batch_size}, a cartridge of p={cfg.p}"
     if device == "cpu":
         matmuls = "bf16" if cpu_has_fast_bf16() else "fp32"
-        per_conversation = CPU_SYNTHESIS_S["conversation"] + CPU_SYNTHESIS_S["chunk"] / max(1, cfg.chunk_questions)
+        per_conversation = CPU_SYNTHESIS_S["conversation"] + CPU_SYNTHESIS_S["chunk"] / cfg.chunk_questions
         minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
         if cfg.init == "attention" and plan.kind == "full" and corpus_tokens < 8192:  # longer: excerpts, no cost
