@@ -33,6 +33,7 @@ def stack_topk(ids_rows: list[np.ndarray], lp_rows: list[np.ndarray], k: int):
     return (np.stack(ids_rows) if ids_rows else np.zeros((0, k), np.int32),
             np.stack(lp_rows) if lp_rows else np.zeros((0, k), np.float32))
 
+
 def loop_start(ids: list[int], n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> int | None:
     """Where an answer starts saying the same n tokens for the `times`-th time; None when it does not loop."""
     seen: dict[tuple, int] = {}
