@@ -2,8 +2,8 @@
 
     python benchmarks/qa/make_folders.py DEST
 
-Writes DEST/semver, DEST/fts4, DEST/pysocks and DEST/termdocs. A README is the long description in the wheel's METADATA
-(everything after the first blank line).
+Writes DEST/semver, DEST/fts4, DEST/pysocks, DEST/diskcache, DEST/psutil and DEST/termdocs. A README is the long
+description in the wheel's METADATA (everything after the first blank line).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
         "fts4": {"README.md": long_description("sqlite-fts4"),
                  "sqlite_fts4.py": Path(importlib.util.find_spec("sqlite_fts4").origin).read_text()},
         "pysocks": {"README.md": long_description("PySocks")},
+        "diskcache": {"README.rst": long_description("diskcache")},
+        "psutil": {"README.rst": long_description("psutil")},
         # Beyond the model's context (~29k tokens): the docs of two terminal-output libraries.
         "termdocs": {"tqdm.rst": long_description("tqdm"), "tabulate.md": long_description("tabulate")},
     }
