@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus")
     p.add_argument("--version", type=int, help="version to train (default: the latest)")
     _add_train_flags(p)
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's; quick 1e-2, the others 2e-2)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, 2e-2)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="learning-rate schedule (default: the preset's; quick cosine, the others constant)")
     p.add_argument("--loss-on", choices=["assistant", "all"], help="supervise assistant tokens (default) or all")
     p.add_argument("--teacher", choices=["corpus", "chunk"],
                    help="what the self-study teacher sees: the whole corpus (a window when too long) or the chunk")
