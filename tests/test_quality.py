@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import ASSETS, run_cli, write
+from conftest import ASSETS, ROOT, run_cli, write
 from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
 from engine.engines.decoding import LoopGuard, contains_all, loop_start, stop_ids
 from engine.training.distill import HeldOut, TrainConfig, distill, split_heldout
@@ -104,9 +104,15 @@ def test_contains_all_ignores_case():
     assert not contains_all("Opens at 9:00", ["9:00", "Monday"])
 
 
-def test_sample_qa_expect_strings_are_not_in_their_questions():
-    lines = [json.loads(line) for line in (ASSETS / "sample_qa.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(lines) >= 30 and all(line.get("expect") for line in lines)
+QA_SETS = [(ASSETS / "sample_qa.jsonl", 30)] + [(path, 20) for path in
+                                                 sorted((ROOT / "benchmarks" / "qa").glob("*_qa.jsonl"))]
+
+
+@pytest.mark.parametrize("qa, at_least", QA_SETS, ids=[path.name for path, _ in QA_SETS])
+def test_qa_expect_strings_are_in_their_answers_not_their_questions(qa, at_least):
+    """The sample's and the benchmarks' question sets: every line graded, its gold answer passing its own test."""
+    lines = [json.loads(line) for line in qa.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) >= at_least and all(line.get("expect") for line in lines)
     for line in lines:
         for expected in line["expect"]:
             assert expected.lower() not in line["question"].lower(), line
