@@ -5,8 +5,9 @@
 
 Ingests the folder into a fresh data home and scores the QA's gold answers with no corpus, the corpus in
 context (icl) and each untrained cartridge (`init_embeddings`, as training starts from), on llama.cpp as chat
-answers. Prints per (p, init): NLL, the share of icl's NLL gain recovered, the seconds the initialisation
-took and, with --accuracy, answer accuracy on lines with "expect". No training: a quick way to compare starts.
+answers. Prints per (p, init): NLL, the share of icl's NLL gain recovered (no icl for a folder longer than the
+model's context), the seconds the initialisation took and, with --accuracy, answer accuracy on lines with
+"expect". No training: a quick way to compare starts.
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     say = (lambda *a: None) if args.json else print
-    none, icl = score(), score(system=context_system_prompt(assemble(documents)))
+    none = score()
+    # A folder longer than the model's context has no icl figure; its starts are compared by NLL alone.
+    fits = sampler.n_tokens + 512 <= lm.max_positions
+    icl = score(system=context_system_prompt(assemble(documents))) if fits else None
     say(f"{args.folder} ({sampler.n_tokens:,} tokens), {len(qa)} questions: NLL none {none['nll']:.3f}, "
-        f"icl {icl['nll']:.3f}")
+        + (f"icl {icl['nll']:.3f}" if icl else "icl skipped (longer than the model's context)"))
     rows = []
     for p in (int(x) for x in args.p.split(",")):
         for how in args.inits.split(","):
@@ -77,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             embeddings = init_embeddings(lm, sampler, p, how)
             seconds = time.perf_counter() - began
             row = {"p": p, "init": how, "seconds": round(seconds, 1), **score(embeddings)}
-            gain = none["nll"] - icl["nll"]
+            gain = none["nll"] - icl["nll"] if icl else 0
             row["recovered"] = round((none["nll"] - row["nll"]) / gain, 4) if gain > 0 else None
             rows.append(row)
             acc = f"  accuracy {row['accuracy']:.0%}" if "accuracy" in row else ""
-            say(f"p={p:<5} {how:<10} NLL {row['nll']:.3f}  recovered {row['recovered']:.1%}{acc}  "
-                f"({seconds:.0f} s to initialise)")
+            share = f"  recovered {row['recovered']:.1%}" if row["recovered"] is not None else ""
+            say(f"p={p:<5} {how:<10} NLL {row['nll']:.3f}{share}{acc}  ({seconds:.0f} s to initialise)")
     if args.json:
         print(json.dumps({"folder": str(Path(args.folder).resolve()), "tokens": sampler.n_tokens, "qa": args.qa,
                           "none": none, "icl": icl, "rows": rows}))

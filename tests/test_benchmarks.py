@@ -87,6 +87,12 @@ def test_bench_init(tmp_path, cartridge_home):
                                                            for how in ("first", "spread", "attention")]
     assert doc["icl"]["nll"] < doc["none"]["nll"]
     assert all(math.isfinite(r["nll"]) and 0 <= r["accuracy"] <= 1 and r["recovered"] is not None for r in doc["rows"])
+    # Beyond the model's context there is no icl figure: the starts are still scored.
+    (folder / "log.md").write_text("Buoy 7 drifted north of the breakwater after the storm. " * 900)
+    doc = run_benchmark("bench_init.py", str(folder), "--qa", str(qa), "--p", "16", "--inits", "spread",
+                        home=cartridge_home)
+    assert doc["tokens"] > 8192 and doc["icl"] is None
+    assert [(r["init"], r["recovered"]) for r in doc["rows"]] == [("spread", None)] and math.isfinite(doc["rows"][0]["nll"])
 
 
 def test_bench_bigfolder(tmp_path, cartridge_home):
