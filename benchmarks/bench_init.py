@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CARTRIDGE_HOME"] = tempfile.mkdtemp(prefix="bench-init-")
 
     from engine.store import registry
+    from engine.store.library import icl_fits
     from engine.cartridge.format import init_embeddings
     from engine.corpus.chunks import ChunkSampler, assemble, version_documents
     from engine.engines.decoding import contains_all
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: None) if args.json else print
     none = score()
     # A folder longer than the model's context has no icl figure; its starts are compared by NLL alone.
-    fits = sampler.n_tokens + 512 <= lm.max_positions
-    icl = score(system=context_system_prompt(assemble(documents))) if fits else None
+    icl = (score(system=context_system_prompt(assemble(documents)))
+           if icl_fits(sampler.n_tokens, lm.max_positions) else None)
     say(f"{args.folder} ({sampler.n_tokens:,} tokens), {len(qa)} questions: NLL none {none['nll']:.3f}, "
         + (f"icl {icl['nll']:.3f}" if icl else "icl skipped (longer than the model's context)"))
     rows = []
