@@ -105,6 +105,24 @@ def test_symlinks_stay_inside_and_never_loop(folder, tmp_path, db):
     assert s["dangling.md"] == ("skipped", "broken symlink")
 
 
+def test_the_data_home_is_never_read_into_a_corpus(folder, monkeypatch):
+    """A data home inside the folder (its cartridge.json, settings and checkpoints are text) is skipped, so a
+    retrain never feeds the app's own files back in; a folder inside the data home is refused."""
+    home = folder / "work" / ".cd"
+    monkeypatch.setenv("CARTRIDGE_HOME", str(home))
+    db = registry.open_registry()
+    write(home, "cartridges/abc/v1-run1/cartridge.json", '{"p": 16}\n')
+    write(home, "synth/abc/settings.json", '{"seed": 0}\n')
+    result = ingest(folder, db=db)
+    s = statuses(result)
+    assert s["work/.cd/"] == ("skipped", "the app's data folder")
+    assert not any(path.startswith("work/.cd/") and path != "work/.cd/" for path in s)
+    write(home, "cartridges/abc/v1-run2/cartridge.json", '{"p": 32}\n')  # a retrain writes here
+    assert ingest(folder, db=db).changed is False
+    with pytest.raises(UserError, match="inside the app's data folder"):
+        ingest(home / "cartridges", db=db)
+
+
 def test_file_vanishing_mid_scan_is_skipped_and_scan_goes_on(folder, db):
     victim = write(folder, "zz/vanish.md", "here now\n")
     write(folder, "zz/zlast.md", "still here\n")

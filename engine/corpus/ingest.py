@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.store import registry
+from engine.store.paths import data_home
 from engine.errors import UserError
 from engine.corpus.rules import IgnoreRules, decode_text, is_secret
 from engine.engines.tokenizer import token_counter
@@ -73,13 +74,15 @@ def manifest_hash(entries: list[FileEntry]) -> str:
     return digest.hexdigest()
 
 
-def _walk(root: Path, rules: IgnoreRules):
+def _walk(root: Path, rules: IgnoreRules, exclude: Path | None = None):
     """Yield (relative path, absolute path, skip reason or None) for every file under root.
 
     Symlinks are followed only when they resolve inside the root, and a folder reached twice (a loop)
-    is visited once. Ignored folders are reported once, with a trailing slash, and not entered.
+    is visited once. Ignored folders are reported once, with a trailing slash, and not entered, and so is
+    `exclude` (the app's data home: its cartridges and settings must never become a corpus's text).
     """
     seen_dirs = {os.stat(root).st_ino}
+    excluded = _dir_key(exclude) if exclude is not None else None
     stack = [("", root)]
     while stack:
         rel_dir, abs_dir = stack.pop()
@@ -118,20 +121,31 @@ def _walk(root: Path, rules: IgnoreRules):
                     yield rel + "/", entry.path, "ignored"
                     continue
                 try:
-                    inode = os.stat(entry.path).st_ino
+                    st = os.stat(entry.path)
                 except OSError:
                     yield rel + "/", entry.path, "vanished during scan"
                     continue
-                if inode in seen_dirs:
+                if st.st_ino in seen_dirs:
                     yield rel + "/", entry.path, "symlink loop or duplicate folder"
                     continue
-                seen_dirs.add(inode)
+                if (st.st_dev, st.st_ino) == excluded:
+                    yield rel + "/", entry.path, "the app's data folder"
+                    continue
+                seen_dirs.add(st.st_ino)
                 subdirs.append((rel, entry.path))
             elif rules.ignored(rel):
                 yield rel, entry.path, "ignored"
             else:
                 yield rel, entry.path, None
         stack.extend(reversed(subdirs))
+
+
+def _dir_key(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def scan(root: Path, rules: IgnoreRules, options: ScanOptions, catalog: dict[str, dict],
@@ -143,7 +157,7 @@ def scan(root: Path, rules: IgnoreRules, options: ScanOptions, catalog: dict[str
     to_count: list[FileEntry] = []
     total_bytes = 0
     bar = tqdm(desc="scanning", unit=" files", disable=not progress_bar, leave=False)
-    for count, (rel, abs_path, reason) in enumerate(_walk(root, rules), start=1):
+    for count, (rel, abs_path, reason) in enumerate(_walk(root, rules, exclude=data_home()), start=1):
         bar.update(1)
         if on_progress:
             on_progress(count, rel)
@@ -216,7 +230,11 @@ def _resolve_root(path: str | Path) -> Path:
         raise UserError(f"not a folder: {root} (point at the folder that holds it)")
     if not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"cannot read folder: {root} (permission denied)")
-    return Path(os.path.realpath(root))
+    root = Path(os.path.realpath(root))
+    home = Path(os.path.realpath(data_home()))
+    if root == home or home in root.parents:
+        raise UserError(f"{root} is inside the app's data folder ({home}): point at a folder of your own")
+    return root
 
 
 def _corpus_for(db, root: Path, name: str | None) -> dict | None:
