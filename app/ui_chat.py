@@ -97,7 +97,9 @@ class ChatBackends:
 
         with open_db() as db:
             target = inference.resolve(db, corpora, version=version, mode=mode)
-            key = (tuple(corpora), tuple(v["number"] for v in target.versions), mode,
+            # uids and manifests too: a name can be renamed away or reused by another folder
+            key = (tuple(corpora), tuple(c["uid"] for c in target.corpora),
+                   tuple((v["number"], v["manifest_hash"]) for v in target.versions), mode,
                    tuple(content_key(f) for f in target.cartridge_folders), target.model_spec)
             with self._lock:
                 backend = self._items.pop(key, None)

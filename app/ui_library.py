@@ -339,6 +339,7 @@ def build(ctx) -> dict:
             ctx.watcher.unwatch(corpus)
         with open_db() as db:
             registry.rename_corpus(db, corpus, new)
+        ctx.forget_corpus(corpus)
         if watched:
             ctx.watcher.watch(new)
         gr.Info(f"Renamed {corpus} to {new}")

@@ -123,3 +123,22 @@ def test_training_with_retrieved_passages_uses_its_own_folder_only(tmp_path, db)
     trained = pipeline.train(db, "club", p=16, conversations=8, steps=None, epochs=1.0, batch_size=2, chunk_tokens=96,
                              max_answer_tokens=16, max_user_tokens=48, init="spread", heldout=0.0, rag=0.5)
     assert registry.get_version(db, registry.get_corpus(db, "club"), trained.version)["status"] == "ready"
+
+
+def test_a_cached_chat_never_answers_from_a_folder_that_gave_up_its_name(tmp_path, db):
+    """The UI keeps loaded chats; after `club` is renamed and another folder takes the name, a chat with
+    `club` retrieves from the new folder, not from the one cached under that name."""
+    from app.ui_chat import ChatBackends
+
+    write(tmp_path / "club", "boats.md", BOATS)
+    write(tmp_path / "other", "garden.md", GARDEN)
+    ingest(tmp_path / "club", db=db)
+    backends = ChatBackends()
+    question = [{"role": "user", "content": "Which spades does the shed keep, and where is the dinghy?"}]
+    first = backends.get(["club"], None, "rag")
+    assert [s["path"] for s in first.reply(question, max_new_tokens=2).sources] == ["boats.md"]
+    registry.rename_corpus(db, "club", "old")  # as the CLI does: the running UI is not told
+    ingest(tmp_path / "other", name="club", db=db)
+    again = backends.get(["club"], None, "rag")
+    assert again is not first
+    assert [s["path"] for s in again.reply(question, max_new_tokens=2).sources] == ["garden.md"]
