@@ -176,11 +176,13 @@ def build(ctx) -> dict:
         except Exception:
             yield chat_display(db_chat), gr.skip(), question or "", gr.skip(), gr.skip(), gr.skip()
             raise
+        used = names if mode_ != "none" else []  # the corpora this answer comes from
         with open_db() as db:
             if db_chat is None:
-                cid = registry.create_chat(db, library.chat_title(question), names, mode_)
+                cid = registry.create_chat(db, library.chat_title(question), used, mode_)
             else:
                 cid = db_chat["id"]
+                registry.add_chat_corpora(db, cid, used)
             if question is not None:
                 registry.add_message(db, cid, "user", question)
         stop_event = stops.setdefault(session, threading.Event())

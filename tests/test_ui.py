@@ -290,6 +290,29 @@ def test_ingest_train_chat_history_eval(tmp_path):
         assert rows_of(table)[0][10].startswith("v1: NLL")
 
 
+def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
+    """A saved chat continued with another corpus records it, so removing that corpus removes the chat (its
+    answers quote it); a no-corpus answer records none, so removing the selected corpus keeps that chat."""
+    from engine.store import registry
+    from engine.training.pipeline import remove_corpus
+
+    write(tmp_path / "club", "boats.md", "The club's dinghy is moored at pontoon C, berth 14.\n")
+    write(tmp_path / "garden", "shed.md", "The allotment shed keeps spades, rakes and twine.\n")
+    with running_app() as (demo, client):
+        for folder in ("club", "garden"):
+            client.predict(str(tmp_path / folder), "", "", api_name="/ingest")
+        _, chat_id, *_ = client.predict("Where is the dinghy?", None, ["club"], "", "rag", 8, 0.0, api_name="/chat")
+        _, same, *_ = client.predict("What does the shed keep?", chat_id, ["garden"], "", "rag", 8, 0.0,
+                                     api_name="/chat")
+        _, plain, *_ = client.predict("Hello", None, ["garden"], "", "none", 8, 0.0, api_name="/chat")
+        assert same == chat_id and plain != chat_id
+        db = registry.open_registry()
+        assert registry.get_chat(db, chat_id)["corpora"] == ["club", "garden"]
+        assert registry.get_chat(db, plain)["corpora"] == []
+        remove_corpus(db, "garden")
+        assert [c["id"] for c in registry.list_chats(db)] == [plain]
+
+
 def _serve(argv, env):
     """Start `cartridge ARGV` and return (process, url) once it says where it listens."""
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], env=env, stdout=subprocess.PIPE,

@@ -424,6 +424,14 @@ def create_chat(db, title: str, corpora: list[str], mode: str) -> int:
                                "mode": mode}).last_pk
 
 
+def add_chat_corpora(db, chat_id: int, corpora: list[str]) -> None:
+    """Record that the chat now also answers from `corpora`, so that removing any of them removes the chat."""
+    names = get_chat(db, chat_id)["corpora"]
+    added = [n for n in corpora if n not in names]
+    if added:
+        db["chats"].update(chat_id, {"corpora": json.dumps(names + added)})
+
+
 def add_message(db, chat_id: int, role: str, content: str, meta: dict | None = None) -> int:
     now = time.time()
     with db.atomic():
