@@ -27,14 +27,14 @@ def _when(ts) -> str:
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_ingest(args) -> None:
-    from engine.corpus.ingest import ScanOptions, ingest
+    from engine.corpus.ingest import ingest
 
-    options = None
-    if args.max_file_bytes or args.max_total_bytes or args.allow_secrets:
-        options = ScanOptions()
-        options.max_file_bytes = args.max_file_bytes or options.max_file_bytes
-        options.max_total_bytes = args.max_total_bytes or options.max_total_bytes
-        options.allow_secrets = args.allow_secrets
+    for flag, value in (("--max-file-bytes", args.max_file_bytes), ("--max-total-bytes", args.max_total_bytes)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1")
+    given = {"max_file_bytes": args.max_file_bytes, "max_total_bytes": args.max_total_bytes,
+             "allow_secrets": args.allow_secrets}
+    options = {key: value for key, value in given.items() if value is not None}  # the rest stay as stored
     result = ingest(args.path, name=args.name, ignore=args.ignore, options=options,
                     progress_bar=not args.json and sys.stderr.isatty())
     if args.json:
@@ -389,9 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="corpus name (default: the folder's name)")
     p.add_argument("--ignore", action="append", metavar="PATTERN",
                    help="gitignore-style pattern to exclude (repeatable; replaces the stored list)")
-    p.add_argument("--max-file-bytes", type=int, help="skip files larger than this (default 1,000,000)")
-    p.add_argument("--max-total-bytes", type=int, help="stop including files past this total (default 50,000,000)")
-    p.add_argument("--allow-secrets", action="store_true", help="include secret-looking files (.env, keys, *.pem)")
+    p.add_argument("--max-file-bytes", type=int,
+                   help="skip files larger than this (default 1,000,000; kept for later scans)")
+    p.add_argument("--max-total-bytes", type=int,
+                   help="stop including files past this total (default 50,000,000; kept for later scans)")
+    p.add_argument("--allow-secrets", action=argparse.BooleanOptionalAction, default=None,
+                   help="include secret-looking files (.env, keys, *.pem); kept for later scans until --no-allow-secrets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ingest)
 

@@ -41,3 +41,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path, cartridge_home):
         assert "Traceback" not in proc.stderr
     listing = json.loads(run_cli("list", "--json", env_home=cartridge_home).stdout)
     assert listing == {"corpora": []}
+
+
+def test_ingest_options_given_once_are_kept_and_one_option_changes_only_itself(tmp_path, cartridge_home):
+    root = tmp_path / "vault"
+    write(root, "one.md", "First note about the lighthouse.\n")
+    write(root, "big.md", "The lighthouse keeper's long log.\n" * 100)  # 3,400 bytes
+    write(root, ".env", "TOKEN=abc\n")
+
+    def ingest(*flags):
+        proc = run_cli("ingest", str(root), *flags, "--json", env_home=cartridge_home)
+        assert proc.returncode == 0, proc.stderr
+        return {f["path"]: f["status"] for f in json.loads(proc.stdout)["files"]}
+
+    assert ingest("--max-file-bytes", "1000")["big.md"] == "skipped"
+    assert ingest("--allow-secrets") == {"one.md": "included", "big.md": "skipped", ".env": "included"}
+    assert ingest() == {"one.md": "included", "big.md": "skipped", ".env": "included"}
+    assert ingest("--no-allow-secrets", "--max-file-bytes", "5000") == {
+        "one.md": "included", "big.md": "included", ".env": "skipped"}
+    proc = run_cli("ingest", str(root), "--max-file-bytes", "0", env_home=cartridge_home)
+    assert proc.returncode == 2 and proc.stderr == "error: --max-file-bytes must be at least 1\n"

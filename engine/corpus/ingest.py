@@ -12,7 +12,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -256,20 +256,23 @@ def _unique_name(db, wanted: str) -> str:
 
 
 def ingest(path: str | Path, *, name: str | None = None, ignore: list[str] | None = None,
-           options: ScanOptions | None = None, db=None, progress_bar: bool = False,
+           options: ScanOptions | dict | None = None, db=None, progress_bar: bool = False,
            on_progress: Callable[[int, str], None] | None = None) -> IngestResult:
     """Scan `path` and record a new version of its corpus when the manifest changed.
 
     `ignore` and `options`, when given, replace the corpus's stored ones; otherwise the stored ones
-    (or the defaults) apply.
+    (or the defaults) apply. `options` as a dict changes only the settings it names.
     """
     db = db or registry.open_registry()
     root = _resolve_root(path)
     corpus = _corpus_for(db, root, name)
     if ignore is None:
         ignore = corpus["ignore"] if corpus else []
+    stored = ScanOptions(**corpus["options"]) if corpus else ScanOptions()
     if options is None:
-        options = ScanOptions(**corpus["options"]) if corpus else ScanOptions()
+        options = stored
+    elif isinstance(options, dict):
+        options = replace(stored, **options)
     catalog = registry.file_catalog(db, corpus["id"]) if corpus else {}
     entries, new_texts = scan(root, IgnoreRules(extra=list(ignore)), options, catalog,
                               on_progress=on_progress, progress_bar=progress_bar)
