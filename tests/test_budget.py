@@ -20,6 +20,11 @@ def test_conversations_scale_with_the_corpus_between_floor_and_cap():
         make_config("quick", max_answer_tokens=0)
     with pytest.raises(UserError, match="chunk_questions must be at least 1"):
         make_config("quick", chunk_questions=0)
+    for bad in ({"batch_size": 0}, {"chunk_tokens": -1}):  # refused before a model loads, or a watch starts
+        with pytest.raises(UserError, match="--batch-size and --chunk-tokens must be at least 1"):
+            make_config("quick", **bad)
+    with pytest.raises(UserError, match="learning rate must be positive"):
+        make_config("quick", lr=0.0)
     standard = make_config("standard")
     assert standard.conversations_for(2_000_000) == standard.max_conversations > standard.conversations_for(100_000)
 

@@ -86,6 +86,10 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise UserError("--tokens must be at least 2")
     if cfg.conversations < 1 or (cfg.steps is not None and cfg.steps < 1):
         raise UserError("--conversations and --steps must be positive")
+    if cfg.batch_size < 1 or cfg.chunk_tokens < 1:
+        raise UserError("--batch-size and --chunk-tokens must be at least 1")
+    if not cfg.lr > 0:
+        raise UserError("the learning rate must be positive")
     if cfg.max_answer_tokens < 1:
         raise UserError("--answer-tokens must be positive")
     if cfg.chunk_questions < 1:
