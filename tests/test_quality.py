@@ -97,6 +97,9 @@ def test_eval_accuracy_counts_answers_holding_every_expected_string(tmp_path, ca
     bad = write(tmp_path, "bad.jsonl", json.dumps({"question": "q", "answer": "a", "expect": "Paris"}) + "\n")
     proc = run_cli("eval", "sample", "--qa", str(bad), "--modes", "none", env_home=cartridge_home)
     assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and proc.stderr.count("\n") == 1
+    binary = write(tmp_path, "qa.bin", b"\xff\xfe\x00 not text")
+    proc = run_cli("eval", "sample", "--qa", str(binary), "--modes", "none", env_home=cartridge_home)
+    assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_contains_all_ignores_case():

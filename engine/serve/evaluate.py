@@ -39,6 +39,8 @@ def read_qa(path: str | Path) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read QA file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"QA file {path} is not UTF-8 text (JSON Lines expected)") from None
     items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
