@@ -67,3 +67,20 @@ def test_removed_corpus_leaves_nothing_and_reaches_no_later_corpus(tmp_path, car
 
     missing = run_cli("remove", "nope", env_home=cartridge_home)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no corpus named 'nope'")
+
+
+def test_removed_text_is_not_left_in_the_registry_file(tmp_path, cartridge_home):
+    """Not in free pages, not in the full-text index's older segments, not in the write-ahead log."""
+    private = tmp_path / "private"
+    write(private, "quillfeather-ledger.md", f"# Ledger\n\n{SECRET}.\n" * 40)
+    garden = notes(tmp_path / "garden")
+    for folder in (private, garden):
+        assert run_cli("ingest", str(folder), env_home=cartridge_home).returncode == 0
+    files = [cartridge_home / "registry.db", cartridge_home / "registry.db-wal"]
+    stored = b"".join(f.read_bytes() for f in files if f.exists()).lower()
+    assert b"brackwater" in stored and b"quillfeather" in stored  # the check below can fail
+    proc = run_cli("remove", "private", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    stored = b"".join(f.read_bytes() for f in files if f.exists()).lower()
+    assert b"brackwater" not in stored and b"imogen" not in stored and b"quillfeather" not in stored
+    assert b"allotment" in stored  # the other corpus is still there

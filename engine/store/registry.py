@@ -143,6 +143,7 @@ def open_registry(path: Path | None = None) -> sqlite_utils.Database:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA secure_delete=ON")  # deleted text is overwritten, not left in free pages
             migrate(db)
             return db
         except sqlite3.OperationalError as exc:
@@ -242,6 +243,10 @@ def delete_corpus(db, corpus_id: int) -> None:
         db.execute("DELETE FROM corpora WHERE id = ?", [corpus_id])
         db.execute("DELETE FROM passages WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
         db.execute("DELETE FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
+    # The full-text index keeps a removed text's words in its older segments until they merge, and the
+    # write-ahead log keeps the pages as they were: merge the one, and fold the other into the database.
+    db.execute("INSERT INTO passages_fts(passages_fts) VALUES('optimize')")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 # -- files catalog ---------------------------------------------------------------------------------
