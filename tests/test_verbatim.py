@@ -92,7 +92,7 @@ def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_sh
     import json
 
     from conftest import write
-    from engine.training.pipeline import _worse_than_serving, make_config
+    from engine.training.pipeline import _comparable_serving, _worse_than_serving, make_config
 
     root = tmp_path / "notes"
     write(root, "a.md", "The ferry leaves at 7:40 from pier 3.\n")
@@ -103,11 +103,14 @@ def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_sh
     folder = tmp_path / "cartridge-v1"
     folder.mkdir()
     (folder / "cartridge.json").write_text(json.dumps({"training": {"train": {"verbatim": 0.0}}}))
-    registry.update_version(db, old["id"], status="ready", cartridge=str(folder), heldout=1.0)
+    registry.update_version(db, old["id"], status="ready", cartridge=str(folder))
     registry.set_current_version(db, registry.get_corpus(db, corpus["name"]), 1)
 
-    assert "v1 keeps serving" in _worse_than_serving(db, corpus, new, 0.6, make_config("quick", verbatim=0.0))
-    assert _worse_than_serving(db, corpus, new, 0.6, make_config("quick")) is None  # quick quotes: not comparable
+    serving = _comparable_serving(db, corpus, new, make_config("quick", verbatim=0.0))
+    assert serving["number"] == 1
+    assert "v1 keeps serving" in _worse_than_serving(corpus, new, 0.6, serving, 0.9)
+    assert _worse_than_serving(corpus, new, 0.87, serving, 0.9) is None  # within the margin
+    assert _comparable_serving(db, corpus, new, make_config("quick")) is None  # quick quotes: not comparable
 
 
 def test_the_kept_state_is_chosen_on_held_out_answers_and_recall_probes_together(db):

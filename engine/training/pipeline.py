@@ -461,7 +461,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     self-study stay in this one.
 
     With `guard_current` (retrains the watcher starts), a version whose held-out score is clearly worse
-    than the serving version's is kept, ready, but not made current; an event says why.
+    than the serving cartridge's on the same held-out questions is kept, ready, but not made current; an
+    event says why.
     """
     from engine.cartridge.format import (cartridge_embeddings, create_cartridge_model, init_embeddings, peft_config_for,
                                   save_cartridge)
@@ -633,7 +634,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             "corpus_root": corpus["root"], "version": row["number"], "manifest_hash": row["manifest_hash"],
             "training": config_doc, "metrics": metrics, "created": time.time()})
         _unwrap(peft_model)
-        worse = _older_than_serving(db, corpus, row) or (_worse_than_serving(db, corpus, row, score, cfg) if guard_current else None)
+        serving = _comparable_serving(db, corpus, row, cfg) if guard_current and score is not None else None
+        theirs = _serving_score(lm, serving, heldout, cfg) if serving is not None else None
+        worse = _older_than_serving(db, corpus, row) or _worse_than_serving(corpus, row, score, serving, theirs)
         with registry.transaction(db):
             registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None, heldout=score)
             if worse is None:
@@ -641,7 +644,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.finish_run(db, run_id, "done", cartridge=str(target), summary=metrics)
             registry.add_event(db, corpus["id"], "train_finished", f"v{row['number']} is ready", metrics)
             if worse is not None:
-                registry.add_event(db, corpus["id"], "kept_previous", worse, {"version": row["number"], "heldout": score})
+                registry.add_event(db, corpus["id"], "kept_previous", worse,
+                                   {"version": row["number"], "heldout": score, "serving_heldout": theirs})
         if previous and Path(previous) != target:
             shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(run_dir(corpus, run_id), ignore_errors=True)
@@ -688,21 +692,54 @@ def _older_than_serving(db, corpus: dict, row: dict) -> str | None:
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it)")
 
 
-def _worse_than_serving(db, corpus: dict, row: dict, score: float | None, cfg: TrainConfig) -> str | None:
-    """Why a new version should not replace the serving one (held-out score clearly lower), or None.
-
-    Scores compare only between cartridges trained with the same share of quoting conversations: one that
-    also learns the folder's own words imitates the teacher less (a lower score) while answering better."""
+def _comparable_serving(db, corpus: dict, row: dict, cfg: TrainConfig) -> dict | None:
+    """The version that serves, if a new version's held-out score can be compared with it: ready, another
+    version, and trained with the same share of quoting conversations (a cartridge that also learns the
+    folder's own words imitates the teacher less, a lower score, while answering better)."""
     serving = db["corpora"].get(corpus["id"])["current_version"]
-    if serving is None or serving == row["number"] or score is None:
+    if serving is None or serving == row["number"]:
         return None
     current = registry.get_version(db, corpus, serving)
-    if current["status"] != "ready" or current.get("heldout") is None or score >= current["heldout"] - WORSE_MARGIN:
+    if current["status"] != "ready" or trained_setting(current["cartridge"], "verbatim", 0.0) != cfg.verbatim:
         return None
-    if trained_setting(current["cartridge"], "verbatim", 0.0) != cfg.verbatim:
+    return current
+
+
+def _serving_score(lm, serving: dict, heldout: list, cfg: TrainConfig) -> float | None:
+    """The serving cartridge's held-out score on this run's held-out questions, or None when it cannot be
+    read. Each run holds out different questions, and scores on different questions differ by far more
+    than the margin; on the same questions they differ by the cartridges alone."""
+    from engine.cartridge.format import create_cartridge_model, load_cartridge
+    from engine.training.distill import HeldOut
+
+    try:
+        embeddings = load_cartridge(Path(serving["cartridge"]), lm).embeddings
+    except UserError:
         return None
-    return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving}'s "
-            f"{current['heldout']:.2f}: v{serving} keeps serving "
+    p = int(embeddings.shape[0])
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    model = None
+    try:
+        questions = HeldOut(lm, heldout, cfg, p, pad_id)
+        if not questions:
+            return None
+        model = create_cartridge_model(lm, p, embeddings=embeddings)
+        return questions.score(questions.nll(model))
+    except RuntimeError:  # out of memory, say: the comparison is skipped, not the finished training
+        return None
+    finally:
+        if model is not None:
+            _unwrap(model)
+
+
+def _worse_than_serving(corpus: dict, row: dict, score: float | None, serving: dict | None,
+                        theirs: float | None) -> str | None:
+    """Why a new version should not replace the serving one (its held-out score clearly below the serving
+    cartridge's on the same questions), or None."""
+    if score is None or serving is None or theirs is None or score >= theirs - WORSE_MARGIN:
+        return None
+    return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving['number']}'s "
+            f"{theirs:.2f} on the same questions: v{serving['number']} keeps serving "
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it anyway)")
 
 
