@@ -105,21 +105,25 @@ def test_symlinks_stay_inside_and_never_loop(folder, tmp_path, db):
     assert s["dangling.md"] == ("skipped", "broken symlink")
 
 
-def test_the_data_home_is_never_read_into_a_corpus(folder, monkeypatch):
-    """A data home inside the folder (its cartridge.json, settings and checkpoints are text) is skipped, so a
-    retrain never feeds the app's own files back in; a folder inside the data home is refused."""
+def test_the_apps_own_files_are_never_read_into_a_corpus(folder, monkeypatch):
+    """A data home inside the folder: its cartridges, settings and checkpoints (text files) are skipped, so a
+    retrain never feeds the app's own files back in; the user's files beside them are read; a folder inside
+    the app's own folders is refused."""
     home = folder / "work" / ".cd"
     monkeypatch.setenv("CARTRIDGE_HOME", str(home))
     db = registry.open_registry()
     write(home, "cartridges/abc/v1-run1/cartridge.json", '{"p": 16}\n')
-    write(home, "synth/abc/settings.json", '{"seed": 0}\n')
-    result = ingest(folder, db=db)
-    s = statuses(result)
-    assert s["work/.cd/"] == ("skipped", "the app's data folder")
-    assert not any(path.startswith("work/.cd/") and path != "work/.cd/" for path in s)
+    write(home, "synth/abc/v1/settings.json", '{"seed": 0}\n')
+    write(home, "mine.md", "My own note, kept beside the app's files.\n")
+    s = statuses(ingest(folder, db=db))
+    assert s["work/.cd/cartridges/"] == s["work/.cd/synth/"] == ("skipped", "the app's data folder")
+    assert s["work/.cd/mine.md"] == ("included", None)
+    assert s["work/.cd/registry.db"][0] == "skipped"
+    own = ("work/.cd/cartridges/", "work/.cd/synth/")
+    assert not [p for p in s if p.startswith(own) and p not in own]  # not entered
     write(home, "cartridges/abc/v1-run2/cartridge.json", '{"p": 32}\n')  # a retrain writes here
     assert ingest(folder, db=db).changed is False
-    with pytest.raises(UserError, match="inside the app's data folder"):
+    with pytest.raises(UserError, match="one of the app's own data folders"):
         ingest(home / "cartridges", db=db)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.store import registry
-from engine.store.paths import data_home
+from engine.store.paths import app_paths
 from engine.errors import UserError
 from engine.corpus.rules import IgnoreRules, decode_text, is_secret
 from engine.engines.tokenizer import token_counter
@@ -74,15 +74,15 @@ def manifest_hash(entries: list[FileEntry]) -> str:
     return digest.hexdigest()
 
 
-def _walk(root: Path, rules: IgnoreRules, exclude: Path | None = None):
+def _walk(root: Path, rules: IgnoreRules, exclude: list[Path] = ()):
     """Yield (relative path, absolute path, skip reason or None) for every file under root.
 
     Symlinks are followed only when they resolve inside the root, and a folder reached twice (a loop)
-    is visited once. Ignored folders are reported once, with a trailing slash, and not entered, and so is
-    `exclude` (the app's data home: its cartridges and settings must never become a corpus's text).
+    is visited once. Ignored folders are reported once, with a trailing slash, and not entered, and so are
+    the `exclude` folders (the app's own: its cartridges and settings must never become a corpus's text).
     """
     seen_dirs = {os.stat(root).st_ino}
-    excluded = _dir_key(exclude) if exclude is not None else None
+    excluded = {key for path in exclude if (key := _dir_key(path)) is not None}
     stack = [("", root)]
     while stack:
         rel_dir, abs_dir = stack.pop()
@@ -128,7 +128,7 @@ def _walk(root: Path, rules: IgnoreRules, exclude: Path | None = None):
                 if st.st_ino in seen_dirs:
                     yield rel + "/", entry.path, "symlink loop or duplicate folder"
                     continue
-                if (st.st_dev, st.st_ino) == excluded:
+                if (st.st_dev, st.st_ino) in excluded:
                     yield rel + "/", entry.path, "the app's data folder"
                     continue
                 seen_dirs.add(st.st_ino)
@@ -157,7 +157,7 @@ def scan(root: Path, rules: IgnoreRules, options: ScanOptions, catalog: dict[str
     to_count: list[FileEntry] = []
     total_bytes = 0
     bar = tqdm(desc="scanning", unit=" files", disable=not progress_bar, leave=False)
-    for count, (rel, abs_path, reason) in enumerate(_walk(root, rules, exclude=data_home()), start=1):
+    for count, (rel, abs_path, reason) in enumerate(_walk(root, rules, exclude=app_paths()), start=1):
         bar.update(1)
         if on_progress:
             on_progress(count, rel)
@@ -231,9 +231,9 @@ def _resolve_root(path: str | Path) -> Path:
     if not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"cannot read folder: {root} (permission denied)")
     root = Path(os.path.realpath(root))
-    home = Path(os.path.realpath(data_home()))
-    if root == home or home in root.parents:
-        raise UserError(f"{root} is inside the app's data folder ({home}): point at a folder of your own")
+    for own in app_paths():
+        if root == own or own in root.parents:
+            raise UserError(f"{root} is one of the app's own data folders ({own}): point at a folder of your own")
     return root
 
 

@@ -29,7 +29,7 @@ from engine.training import pipeline
 from engine.store import registry
 from engine.errors import UserError
 from engine.corpus.ingest import ScanOptions, ingest
-from engine.store.paths import data_home
+from engine.store.paths import app_paths
 from engine.corpus.rules import IgnoreRules, is_secret
 
 DEFAULT_QUIET_SECONDS = 60.0
@@ -158,9 +158,8 @@ class CorpusWatch:
         self.retry_seconds = retry_seconds
         self.failures = 0  # retrains failed in a row
         self.retry_at: float | None = None  # monotonic time of the next retry of a failed retrain
-        home = Path(os.path.realpath(data_home()))
         self.filter = EventFilter(self.root, corpus["ignore"], corpus["options"].get("allow_secrets", False),
-                                  exclude=[home])
+                                  exclude=app_paths())
         self.observer = None
         self.mode = "starting"  # events | rescans only
         self._lock = threading.Lock()

@@ -22,6 +22,14 @@ def data_home() -> Path:
     return home
 
 
+def app_paths() -> list[Path]:
+    """What the app itself writes in the data home (resolved): never a corpus's text, never watched. The
+    data home may also hold the user's own folders, when `$CARTRIDGE_HOME` points at a folder of theirs."""
+    home = Path(os.path.realpath(data_home()))
+    return [home / name for name in ("cartridges", "synth", "runs")] + [
+        home / f"registry.db{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+
+
 def cache_dir() -> Path:
     """Derived files that can be rebuilt (converted tokenizers, fingerprints): `$CARTRIDGE_CACHE` or the user cache."""
     path = Path(os.environ.get("CARTRIDGE_CACHE") or user_cache_dir(APP_NAME, appauthor=False))
