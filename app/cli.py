@@ -290,6 +290,9 @@ def cmd_remove(args) -> None:
     else:
         print(f"removed {removed['name']} from the library and deleted its conversations and cartridges "
               f"(your folder {removed['root']} is untouched)")
+        if not removed["scrubbed"]:
+            print("note: another process is reading the registry; the removed text leaves its write-ahead log "
+                  "once that process closes it", file=sys.stderr)
 
 
 def cmd_watch(args) -> None:

@@ -79,8 +79,9 @@ def test_removed_text_is_not_left_in_the_registry_file(tmp_path, cartridge_home)
     files = [cartridge_home / "registry.db", cartridge_home / "registry.db-wal"]
     stored = b"".join(f.read_bytes() for f in files if f.exists()).lower()
     assert b"brackwater" in stored and b"quillfeather" in stored  # the check below can fail
-    proc = run_cli("remove", "private", env_home=cartridge_home)
+    proc = run_cli("remove", "private", "--json", env_home=cartridge_home)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["scrubbed"] is True
     stored = b"".join(f.read_bytes() for f in files if f.exists()).lower()
     assert b"brackwater" not in stored and b"imogen" not in stored and b"quillfeather" not in stored
     assert b"allotment" in stored  # the other corpus is still there

@@ -243,10 +243,22 @@ def delete_corpus(db, corpus_id: int) -> None:
         db.execute("DELETE FROM corpora WHERE id = ?", [corpus_id])
         db.execute("DELETE FROM passages WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
         db.execute("DELETE FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
-    # The full-text index keeps a removed text's words in its older segments until they merge, and the
-    # write-ahead log keeps the pages as they were: merge the one, and fold the other into the database.
-    db.execute("INSERT INTO passages_fts(passages_fts) VALUES('optimize')")
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def scrub_deleted_text(db, attempts: int = 5) -> bool:
+    """After a removal: merge the full-text index's segments (older ones keep a removed text's words) and
+    fold the write-ahead log into the database (it keeps pages as they were before the delete overwrote
+    them). Another process reading the registry can hold the log back; returns whether both were done."""
+    for attempt in range(attempts):
+        try:
+            db.execute("INSERT INTO passages_fts(passages_fts) VALUES('optimize')")
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError:
+            busy = 1
+        if not busy:
+            return True
+        time.sleep(0.2 * (attempt + 1))
+    return False
 
 
 # -- files catalog ---------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def remove_corpus(db, name: str) -> dict:
     registry.delete_corpus(db, corpus["id"])
     for folder in corpus_folders(corpus):
         shutil.rmtree(folder, ignore_errors=True)
-    return {"name": corpus["name"], "root": corpus["root"], "removed": True}
+    scrubbed = registry.scrub_deleted_text(db)
+    return {"name": corpus["name"], "root": corpus["root"], "removed": True, "scrubbed": scrubbed}
 
 
 def synth_dir(corpus: dict, version_number: int) -> Path:
