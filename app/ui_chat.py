@@ -276,8 +276,17 @@ def build(ctx) -> dict:
         with open_db() as db:
             chat = registry.get_chat(db, cid)
         names = corpus_names()
-        return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=keep(chat["corpora"], names)),
-                chat["mode"], gr.update(value=export_path(chat), interactive=True))
+        # The chat goes on as its last answer was made (the chat's corpora are every one it ever used).
+        selected, mode_ = chat["corpora"], chat["mode"]
+        last = next((m["meta"] for m in reversed(chat["messages"]) if m["role"] == "assistant" and m["meta"].get("mode")),
+                    None)
+        if last is not None:
+            answered = [v["corpus"] for v in last.get("versions") or []]
+            if all(n in names for n in answered):  # (a corpus renamed since: all it used, as a start)
+                selected = answered
+            mode_ = last["mode"]
+        return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=keep(selected, names)),
+                mode_, gr.update(value=export_path(chat), interactive=True))
 
     def do_new():
         return [], None, "", gr.update(value=None), gr.update(value=None, interactive=False), ""

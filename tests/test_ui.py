@@ -309,6 +309,8 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
         db = registry.open_registry()
         assert registry.get_chat(db, chat_id)["corpora"] == ["club", "garden"]
         assert registry.get_chat(db, plain)["corpora"] == []
+        _, _, _, selected, mode, _ = client.predict(chat_id, api_name="/open_chat")
+        assert selected["value"] == ["garden"] and mode == "rag"  # it goes on as its last answer was made
         remove_corpus(db, "garden")
         assert [c["id"] for c in registry.list_chats(db)] == [plain]
 
