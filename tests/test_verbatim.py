@@ -92,7 +92,8 @@ def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_sh
     import json
 
     from conftest import write
-    from engine.training.pipeline import _comparable_serving, _worse_than_serving, make_config
+    from engine.selfstudy.conversations import Conversation
+    from engine.training.pipeline import _comparable_serving, _paired_scores, _worse_than_serving, make_config
 
     root = tmp_path / "notes"
     write(root, "a.md", "The ferry leaves at 7:40 from pier 3.\n")
@@ -108,8 +109,13 @@ def test_heldout_scores_compare_only_between_cartridges_with_the_same_quoting_sh
 
     serving = _comparable_serving(db, corpus, new, make_config("quick", verbatim=0.0))
     assert serving["number"] == 1
-    assert "v1 keeps serving" in _worse_than_serving(corpus, new, 0.6, serving, 0.9)
-    assert _worse_than_serving(corpus, new, 0.87, serving, 0.9) is None  # within the margin
+    assert "v1 keeps serving" in _worse_than_serving(corpus, new, serving, (0.6, 0.9))
+    assert _worse_than_serving(corpus, new, serving, (0.87, 0.9)) is None  # within the margin
+    # Held-out conversations reused from an earlier version (no synthesis slot): the serving cartridge
+    # trained on them, so they are no fair question; with fewer than two others there is no comparison.
+    reused = [Conversation("q", [1], [[1]], [[0.0]], seed_type="structuring") for _ in range(3)]
+    fresh = Conversation("q", [1], [[1]], [[0.0]], seed_type="structuring", slot=(0, 1))
+    assert _paired_scores(None, folder, serving, reused + [fresh], make_config("quick")) is None
     assert _comparable_serving(db, corpus, new, make_config("quick")) is None  # quick quotes: not comparable
 
 

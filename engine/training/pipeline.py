@@ -636,8 +636,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             "training": config_doc, "metrics": metrics, "created": time.time()})
         _unwrap(peft_model)
         serving = _comparable_serving(db, corpus, row, cfg) if guard_current and score is not None else None
-        theirs = _serving_score(lm, serving, heldout, cfg) if serving is not None else None
-        worse = _older_than_serving(db, corpus, row) or _worse_than_serving(corpus, row, score, serving, theirs)
+        paired = _paired_scores(lm, target, serving, heldout, cfg) if serving is not None else None
+        worse = _older_than_serving(db, corpus, row) or _worse_than_serving(corpus, row, serving, paired)
         with registry.transaction(db):
             registry.update_version(db, row["id"], status="ready", cartridge=str(target), error=None, heldout=score)
             if worse is None:
@@ -646,7 +646,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             registry.add_event(db, corpus["id"], "train_finished", f"v{row['number']} is ready", metrics)
             if worse is not None:
                 registry.add_event(db, corpus["id"], "kept_previous", worse,
-                                   {"version": row["number"], "heldout": score, "serving_heldout": theirs})
+                                   {"version": row["number"], "heldout": score, "paired": paired})
         if previous and Path(previous) != target:
             shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(run_dir(corpus, run_id), ignore_errors=True)
@@ -706,26 +706,37 @@ def _comparable_serving(db, corpus: dict, row: dict, cfg: TrainConfig) -> dict |
     return current
 
 
-def _serving_score(lm, serving: dict, heldout: list, cfg: TrainConfig) -> float | None:
-    """The serving cartridge's held-out score on this run's held-out questions, or None when it cannot be
-    read. Each run holds out different questions, and scores on different questions differ by far more
-    than the margin; on the same questions they differ by the cartridges alone."""
+def _paired_scores(lm, target: Path, serving: dict, heldout: list, cfg: TrainConfig) -> tuple[float, float] | None:
+    """The new and the serving cartridge's held-out scores on the same questions, or None (fewer than two,
+    or a cartridge that cannot be read). Each run holds out different questions, and scores on different
+    questions differ by far more than the margin; on the same ones they differ by the cartridges alone.
+    The questions are the held-out ones new to this version: an incremental run also holds out reused
+    conversations, which the serving cartridge trained on."""
+    fresh = [c for c in heldout if c.seed_type != "verbatim" and c.slot is not None]
+    if len(fresh) < 2:
+        return None
+    new, theirs = _score_on(lm, target, fresh, cfg), _score_on(lm, Path(serving["cartridge"]), fresh, cfg)
+    return None if new is None or theirs is None else (new, theirs)
+
+
+def _score_on(lm, folder: Path, questions: list, cfg: TrainConfig) -> float | None:
+    """A saved cartridge's held-out score on `questions`, or None when it cannot be read or scored."""
     from engine.cartridge.format import create_cartridge_model, load_cartridge
     from engine.training.distill import HeldOut
 
     try:
-        embeddings = load_cartridge(Path(serving["cartridge"]), lm).embeddings
+        embeddings = load_cartridge(folder, lm).embeddings
     except UserError:
         return None
     p = int(embeddings.shape[0])
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     model = None
     try:
-        questions = HeldOut(lm, heldout, cfg, p, pad_id)
-        if not questions:
+        scored = HeldOut(lm, questions, cfg, p, pad_id)
+        if not scored:
             return None
         model = create_cartridge_model(lm, p, embeddings=embeddings)
-        return questions.score(questions.nll(model))
+        return scored.score(scored.nll(model))
     except RuntimeError:  # out of memory, say: the comparison is skipped, not the finished training
         return None
     finally:
@@ -733,14 +744,14 @@ def _serving_score(lm, serving: dict, heldout: list, cfg: TrainConfig) -> float 
             _unwrap(model)
 
 
-def _worse_than_serving(corpus: dict, row: dict, score: float | None, serving: dict | None,
-                        theirs: float | None) -> str | None:
+def _worse_than_serving(corpus: dict, row: dict, serving: dict | None,
+                        paired: tuple[float, float] | None) -> str | None:
     """Why a new version should not replace the serving one (its held-out score clearly below the serving
     cartridge's on the same questions), or None."""
-    if score is None or serving is None or theirs is None or score >= theirs - WORSE_MARGIN:
+    if serving is None or paired is None or paired[0] >= paired[1] - WORSE_MARGIN:
         return None
-    return (f"v{row['number']} scored {score:.2f} on its held-out questions, clearly below v{serving['number']}'s "
-            f"{theirs:.2f} on the same questions: v{serving['number']} keeps serving "
+    return (f"v{row['number']} scored {paired[0]:.2f} on held-out questions, clearly below v{serving['number']}'s "
+            f"{paired[1]:.2f} on the same questions: v{serving['number']} keeps serving "
             f"(`cartridge versions {corpus['name']} --make-current {row['number']}` to use it anyway)")
 
 
