@@ -81,7 +81,7 @@ def _walk(root: Path, rules: IgnoreRules, exclude: list[Path] = ()):
     is visited once. Ignored folders are reported once, with a trailing slash, and not entered, and so are
     the `exclude` folders (the app's own: its cartridges and settings must never become a corpus's text).
     """
-    seen_dirs = {os.stat(root).st_ino}
+    seen_dirs = {_dir_key(root)}  # (device, inode): a folder on another mount may share an inode number
     excluded = {key for path in exclude if (key := _dir_key(path)) is not None}
     stack = [("", root)]
     while stack:
@@ -125,13 +125,13 @@ def _walk(root: Path, rules: IgnoreRules, exclude: list[Path] = ()):
                 except OSError:
                     yield rel + "/", entry.path, "vanished during scan"
                     continue
-                if st.st_ino in seen_dirs:
+                if (st.st_dev, st.st_ino) in seen_dirs:
                     yield rel + "/", entry.path, "symlink loop or duplicate folder"
                     continue
                 if (st.st_dev, st.st_ino) in excluded:
                     yield rel + "/", entry.path, "the app's data folder"
                     continue
-                seen_dirs.add(st.st_ino)
+                seen_dirs.add((st.st_dev, st.st_ino))
                 subdirs.append((rel, entry.path))
             elif rules.ignored(rel):
                 yield rel, entry.path, "ignored"
