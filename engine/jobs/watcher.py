@@ -526,9 +526,10 @@ class WatchService:
         job = self.queue.submit(watch.name, source="watch", **self.train_kwargs)
         watch.job = job
         watch.submitted.add(version["number"])
-        watch.state, watch.message = "queued", f"retrain of v{version['number']} queued"
         self._event(db, watch, "retrain_queued", f"retrain of v{version['number']} queued ({why})",
                     {"job": job.id, "version": version["number"]})
+        # after the event: whoever sees the state "queued" also sees the event that says why
+        watch.state, watch.message = "queued", f"retrain of v{version['number']} queued"
 
     def _event(self, db, watch: CorpusWatch, kind: str, message: str, data: dict | None = None) -> None:
         own = db is None
