@@ -446,11 +446,12 @@ def test_kill_during_retrain_keeps_previous_version_and_next_start_recovers(shar
         service.stop()
 
 
-# The retrains below hold out some of 12 conversations, so that the new version gets a score, with answers of
+# The retrains below hold out 8 of 16 conversations (two would compare the cartridges on too few questions),
+# so that the new version gets a score, with answers of
 # 48 tokens, so that the teacher's advantage on them is clear enough to score (training.MIN_TEACHER_GAIN).
 # A cartridge of 640 positions that starts from the KV of the folder's text (about 450 tokens) holds the
 # whole folder, as if it were in context: it answers held-out questions far better than 8 positions can.
-SCORED = {**TINY, "conversations": 12, "max_answer_tokens": 48, "incremental": False}
+SCORED = {**TINY, "conversations": 16, "heldout": 0.5, "max_answer_tokens": 48, "incremental": False}
 WHOLE_FOLDER = {"p": 640, "init": "first"}
 
 
