@@ -249,14 +249,16 @@ def scrub_deleted_text(db, attempts: int = 5) -> bool:
     """After a removal: merge the full-text index's segments (older ones keep a removed text's words) and
     fold the write-ahead log into the database (it keeps pages as they were before the delete overwrote
     them). Another process reading the registry can hold the log back; returns whether both were done."""
+    optimized = False
     for attempt in range(attempts):
         try:
-            db.execute("INSERT INTO passages_fts(passages_fts) VALUES('optimize')")
-            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not optimized:  # once: only the log may need a retry
+                db.execute("INSERT INTO passages_fts(passages_fts) VALUES('optimize')")
+                optimized = True
+            if not db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                return True
         except sqlite3.OperationalError:
-            busy = 1
-        if not busy:
-            return True
+            pass
         time.sleep(0.2 * (attempt + 1))
     return False
 
