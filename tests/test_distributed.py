@@ -72,3 +72,46 @@ def test_nproc_needs_a_batch_to_split(tmp_path, cartridge_home):
     assert proc.returncode != 0
     assert "a batch of 2 cannot be split between 4 processes" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# Run in a process of its own: it joins a process group the way each training process does, then prints
+# the addresses of the sockets it listens on (Linux: its socket inodes matched in /proc/net/tcp and tcp6).
+LISTENERS = r"""
+import os, sys
+from pathlib import Path
+import torch.distributed as dist
+from engine.training.distributed import join_group
+
+join_group(0, 1, Path(sys.argv[1]), "gloo")
+inodes = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # the descriptor listdir itself used
+        continue
+    if target.startswith("socket:["):
+        inodes.add(target[8:-1])
+for table in ("tcp", "tcp6"):
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            print(table, fields[1].split(":")[0])
+dist.destroy_process_group()
+"""
+
+
+def test_training_processes_listen_on_this_machine_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    proc = subprocess.run([sys.executable, "-c", LISTENERS, str(tmp_path / "rendezvous")], capture_output=True,
+                          text=True, timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    addresses = [line.split() for line in proc.stdout.splitlines()]
+    assert addresses, "the process group opened no socket to check"
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them
+    assert all(address in loopback for _, address in addresses), addresses

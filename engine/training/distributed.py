@@ -67,13 +67,27 @@ def check(nproc: int, batch_size: int, device_type: str) -> None:
         raise UserError(f"training across processes runs on CPUs or CUDA GPUs, not {device_type}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _loopback_interface() -> str | None:
+    """The name of the loopback network interface ("lo" on Linux, "lo0" on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((n for n in names if n in ("lo", "lo0")), next((n for n in names if n.startswith("lo")), None))
 
 
-def _worker(rank: int, world: int, port: int, job: dict, progress, stop) -> None:
+def join_group(rank: int, world: int, rendezvous: Path, backend: str) -> None:
+    """Join the processes' group on this machine only. The processes meet through a file (a TCP rendezvous
+    would start a store listening on every network interface), and gloo's and NCCL's own connections are
+    kept on the loopback interface unless the user chose one."""
+    loopback = _loopback_interface()
+    if loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    dist.init_process_group(backend, init_method=Path(rendezvous).resolve().as_uri(), rank=rank, world_size=world)
+
+
+def _worker(rank: int, world: int, rendezvous: str, job: dict, progress, stop) -> None:
     from safetensors.torch import load_file, save_file
 
     from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
@@ -88,8 +102,7 @@ def _worker(rank: int, world: int, port: int, job: dict, progress, stop) -> None
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join_group(rank, world, Path(rendezvous), "nccl" if cuda else "gloo")
     try:
         lm = load_model(job["model"], f"cuda:{rank}" if cuda else "cpu")
         start = load_file(job["start"])["embeddings"]
@@ -127,7 +140,7 @@ def distill_across(nproc: int, peft_model, lm, model: str | None, conversations:
         job = {"model": model, "device": lm.device.type, "start": str(start), "conversations": conversations,
                "cfg": cfg, "heldout": heldout, "resume": resume, "out": tmp,
                "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir is not None else None}
-        processes = mp.start_processes(_worker, args=(nproc, _free_port(), job, progress, stop), nprocs=nproc,
+        processes = mp.start_processes(_worker, args=(nproc, str(Path(tmp) / "rendezvous"), job, progress, stop), nprocs=nproc,
                                        join=False, start_method="spawn")
 
         def relay() -> None:
