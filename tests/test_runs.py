@@ -178,3 +178,27 @@ def test_several_conversations_per_chunk_come_in_a_row_about_the_same_chunk(tmp_
     assert all(c.files == files[c.slot[1] // 2] for c in first_round)  # slots 2j and 2j+1: chunk j
     pairs = [(a, b) for a, b in zip(first_round, first_round[1:]) if a.slot[1] // 2 == b.slot[1] // 2]
     assert pairs and all(a.user != b.user for a, b in pairs)  # each its own question
+
+
+def test_a_file_that_left_the_folder_is_retrained_without_the_old_cartridge(tmp_path, cartridge_home):
+    """The incremental warm start is the previous cartridge, which learned every file of its version: once a
+    file is deleted (or excluded) the retrain is full. With nothing else changed it still trains (quoting
+    conversations included), instead of failing for want of a changed file to study."""
+    import shutil
+
+    from conftest import ASSETS, TINY_TRAIN, run_cli
+
+    root = tmp_path / "notes"
+    shutil.copytree(ASSETS / "sample", root)
+    assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "notes", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
+    gone = sorted(p for p in root.iterdir() if p.suffix == ".md")[0]
+    gone.unlink()
+    assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
+    proc = run_cli("train", "notes", *TINY_TRAIN, "--json", env_home=cartridge_home)
+    assert proc.returncode == 0, proc.stderr
+    db = registry.open_registry()
+    run = registry.get_run(db, json.loads(proc.stdout)["run_id"])
+    assert json.loads(run["config"])["plan"]["kind"] == "full"
+    assert run["status"] == "done"
+

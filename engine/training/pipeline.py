@@ -393,7 +393,8 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
     """Reuse what still holds from the newest earlier ready version (incremental), else a full plan.
 
     Conversations whose chunks come only from unchanged files are kept; new and changed files get new
-    conversations in proportion to their share of the corpus; deleted files' conversations are dropped.
+    conversations in proportion to their share of the corpus. A file that left the folder (deleted, or
+    now excluded) makes the plan full: the previous cartridge, the incremental warm start, learned it.
     """
     from engine.errors import CartridgeMismatch
 
@@ -408,6 +409,8 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
         return full
     current = {d.path: d.sha256 for d in documents}
     before = {f["path"]: f["sha256"] for f in registry.version_files(db, prev["id"])}
+    if set(before) - set(current):
+        return full
     changed = sorted(path for path, sha in current.items() if before.get(path) != sha)
     reused = reused_conversations(db, corpus, prev["number"], documents)
     total = full.conversations
