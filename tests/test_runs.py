@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import Path
 
 from engine.training import pipeline
 from engine.store import registry
@@ -202,3 +203,18 @@ def test_a_file_that_left_the_folder_is_retrained_without_the_old_cartridge(tmp_
     assert json.loads(run["config"])["plan"]["kind"] == "full"
     assert run["status"] == "done"
 
+
+def test_a_diverged_retrain_is_not_saved_and_the_serving_cartridge_stays(tmp_path, cartridge_home):
+    from conftest import ASSETS, TINY_TRAIN, run_cli, write
+
+    root = tmp_path / "notes"
+    write(root, "handbook.md", (ASSETS / "sample" / "handbook.md").read_text())
+    assert run_cli("ingest", str(root), "--name", "notes", env_home=cartridge_home).returncode == 0
+    assert run_cli("train", "notes", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
+    db = registry.open_registry()
+    before = registry.get_version(db, registry.get_corpus(db, "notes"), 1)
+    proc = run_cli("train", "notes", *TINY_TRAIN, "--lr", "1e36", env_home=cartridge_home)
+    assert proc.returncode != 0 and "training diverged" in proc.stderr and "Traceback" not in proc.stderr
+    after = registry.get_version(db, registry.get_corpus(db, "notes"), 1)
+    assert after["status"] == "ready" and after["cartridge"] == before["cartridge"]
+    assert (Path(after["cartridge"]) / "adapter_model.safetensors").exists()

@@ -632,7 +632,11 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         # A fresh folder per run: the serving cartridge stays on disk until the registry points elsewhere.
         target = cartridges_dir() / corpus["uid"] / f"v{row['number']}-run{run_id}"
         previous = db["versions"].get(row["id"])["cartridge"]
-        save_cartridge(cartridge_embeddings(peft_model), peft_config_for(cfg.p), target, {
+        weights = cartridge_embeddings(peft_model)
+        if not bool(weights.isfinite().all()):  # without held-out conversations nothing else would catch it
+            raise UserError("training diverged: the cartridge holds NaN or infinite values, so it was not saved "
+                            "(try a smaller --lr)")
+        save_cartridge(weights, peft_config_for(cfg.p), target, {
             "base_model": lm.spec, "fingerprint": lm.fingerprint, "p": cfg.p, "n_layers": lm.n_layers,
             "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "corpus": corpus["name"],
             "corpus_root": corpus["root"], "version": row["number"], "manifest_hash": row["manifest_hash"],
