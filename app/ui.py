@@ -89,7 +89,7 @@ def build_app(queue=None, *, watch: bool = True) -> gr.Blocks:
                            api_name="library_tab", api_visibility="undocumented")
         train_tab.select(train["refresh"], train["corpus"], train["corpus"], api_name="train_tab",
                          api_visibility="undocumented")
-        chat_tab.select(chat["refresh"], [chat["corpora"], chat["chat_id"]], [chat["corpora"], chat["chat_pick"]],
+        chat_tab.select(chat["refresh"], [chat["corpora"], chat["chat_id"]], chat["refresh_outputs"],
                         api_name="chat_tab", api_visibility="undocumented")
         eval_tab.select(evaluation["refresh"], evaluation["corpus"], evaluation["corpus"], api_name="eval_tab",
                         api_visibility="undocumented")
@@ -104,14 +104,13 @@ def build_app(queue=None, *, watch: bool = True) -> gr.Blocks:
                                     api_visibility="undocumented")
 
         def on_load(lib_selected, train_corpus, chat_corpora, chat_id, eval_corpus):
-            corpora, chat_pick = chat["refresh"](chat_corpora, chat_id)
-            return (*library["refresh"](lib_selected), train["refresh"](train_corpus), corpora, chat_pick,
-                    evaluation["refresh"](eval_corpus))
+            return (*library["refresh"](lib_selected), train["refresh"](train_corpus),
+                    *chat["refresh"](chat_corpora, chat_id), evaluation["refresh"](eval_corpus))
 
         demo.load(on_load,
                   [library["selected"], train["corpus"], chat["corpora"], chat["chat_id"], evaluation["corpus"]],
-                  [*library["refresh_outputs"], train["corpus"], chat["corpora"], chat["chat_pick"],
-                   evaluation["corpus"]], api_name="load", api_visibility="undocumented")
+                  [*library["refresh_outputs"], train["corpus"], *chat["refresh_outputs"], evaluation["corpus"]],
+                  api_name="load", api_visibility="undocumented")
     demo.queue(default_concurrency_limit=1)
     demo.training_queue = queue
     demo.watch_service = watcher

@@ -42,6 +42,25 @@ def chat_choices() -> list[tuple[str, int]]:
         return [(f"{c['title']} · {when(c['updated'])}", c["id"]) for c in registry.list_chats(db)]
 
 
+def _last_answer(chat: dict) -> dict | None:
+    return next((m["meta"] for m in reversed(chat["messages"]) if m["role"] == "assistant" and m["meta"].get("mode")),
+                None)
+
+
+def answered_from(chat: dict) -> list[str]:
+    """The corpora, by their names now, that a chat's last answer came from (renames followed by uid); else,
+    or when one of them is gone, every corpus the chat used that still exists."""
+    with open_db() as db:
+        corpora = registry.list_corpora(db)
+    by_uid, names = {c["uid"]: c["name"] for c in corpora}, [c["name"] for c in corpora]
+    last = _last_answer(chat)
+    if last is not None:
+        answered = [by_uid.get(v.get("uid"), v["corpus"] if "uid" not in v else None) for v in last.get("versions") or []]
+        if all(n in names for n in answered):
+            return answered
+    return keep(chat["corpora"], names)
+
+
 def export_path(chat: dict) -> str:
     path = EXPORT_DIR / library.export_name(chat)
     path.write_text(library.chat_markdown(chat), encoding="utf-8")
@@ -276,16 +295,10 @@ def build(ctx) -> dict:
         with open_db() as db:
             chat = registry.get_chat(db, cid)
         names = corpus_names()
-        # The chat goes on as its last answer was made (the chat's corpora are every one it ever used).
-        selected, mode_ = chat["corpora"], chat["mode"]
-        last = next((m["meta"] for m in reversed(chat["messages"]) if m["role"] == "assistant" and m["meta"].get("mode")),
-                    None)
-        if last is not None:
-            answered = [v["corpus"] for v in last.get("versions") or []]
-            if all(n in names for n in answered):  # (a corpus renamed since: all it used, as a start)
-                selected = answered
-            mode_ = last["mode"]
-        return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=keep(selected, names)),
+        # The chat goes on as its last answer was made.
+        last = _last_answer(chat)
+        mode_ = last["mode"] if last else chat["mode"]
+        return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=answered_from(chat)),
                 mode_, gr.update(value=export_path(chat), interactive=True))
 
     def do_new():
@@ -365,12 +378,23 @@ def build(ctx) -> dict:
     gr.Button(visible=False).click(list_chats, None, hidden_list, api_name="list_chats")
 
     def refresh(current_corpora, current_chat):
-        names = corpus_names()
-        chosen = keep(current_corpora or [], names)
+        """Lists brought up to date. An open chat that was deleted (with its corpus) gives way to a new one;
+        a picked corpus that was renamed is replaced by the open chat's own record of its corpora."""
+        names, choices, cid = corpus_names(), chat_choices(), _chat_id(current_chat)
+        chat = None
+        if cid and keep(cid, choices) is not None:
+            with open_db() as db:
+                chat = registry.get_chat(db, cid)
+        picked = current_corpora or []
+        chosen = keep(picked, names)
+        if chat is not None and len(chosen) < len(picked):
+            chosen = answered_from(chat)
         if not chosen and names:
             chosen = [names[0]]
-        choices = chat_choices()
-        return (gr.update(choices=names, value=chosen),
-                gr.update(choices=choices, value=keep(_chat_id(current_chat), choices)))
+        lists = (gr.update(choices=names, value=chosen), gr.update(choices=choices, value=cid if chat else None))
+        if cid and chat is None:
+            return (*lists, [], None, "", gr.update(value=None, interactive=False))
+        return (*lists, gr.skip(), gr.skip(), gr.skip(), gr.skip())
 
-    return {"corpora": corpora, "chat_pick": chat_pick, "chat_id": chat_id, "refresh": refresh}
+    return {"corpora": corpora, "chat_pick": chat_pick, "chat_id": chat_id, "refresh": refresh,
+            "refresh_outputs": [corpora, chat_pick, chatbot, chat_id, title, export]}

@@ -311,8 +311,16 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
         assert registry.get_chat(db, plain)["corpora"] == []
         _, _, _, selected, mode, _ = client.predict(chat_id, api_name="/open_chat")
         assert selected["value"] == ["garden"] and mode == "rag"  # it goes on as its last answer was made
-        remove_corpus(db, "garden")
+        # Renamed while the chat is open: the Chat tab picks the new name, not another folder.
+        registry.rename_corpus(db, "garden", "allotment")
+        corpora, pick, *_ = client.predict(["garden"], chat_id, api_name="/chat_tab")
+        assert corpora["value"] == ["allotment"] and pick["value"] == chat_id
+        remove_corpus(db, "allotment")
         assert [c["id"] for c in registry.list_chats(db)] == [plain]
+        # Removed with its corpus while open: the Chat tab starts a new chat instead of showing the old one.
+        corpora, pick, shown, open_id, title, _ = client.predict(["allotment"], chat_id, api_name="/chat_tab")
+        assert corpora["value"] == ["club"] and pick["value"] is None
+        assert shown == [] and open_id is None and title == ""
 
 
 def _serve(argv, env):

@@ -214,7 +214,8 @@ class Chat:
             ttft_s=round(ttft, 4),
             tokens_per_s=round((n_generated - 1) / decode_s, 2) if n_generated > 1 and decode_s else 0.0,
             kv_bytes=self.engine.kv_bytes(self.prefix_tokens + len(ids)), n_tokens=len(out),
-            versions=[{"corpus": c["name"], "version": v["number"]} for c, v in zip(self.target.corpora, self.target.versions)],
+            versions=[{"corpus": c["name"], "version": v["number"], "uid": c["uid"]}
+                      for c, v in zip(self.target.corpora, self.target.versions)],
             engine=self.engine.name, sources=list(self.sources),
         )
 
