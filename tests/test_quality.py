@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, ROOT, run_cli, write
+from engine.errors import UserError
 from engine.cartridge.format import cartridge_embeddings, create_cartridge_model
 from engine.engines.decoding import LoopGuard, contains_all, loop_start, stop_ids
 from engine.training.distill import HeldOut, TrainConfig, distill, split_heldout
@@ -100,6 +101,20 @@ def test_eval_accuracy_counts_answers_holding_every_expected_string(tmp_path, ca
     binary = write(tmp_path, "qa.bin", b"\xff\xfe\x00 not text")
     proc = run_cli("eval", "sample", "--qa", str(binary), "--modes", "none", env_home=cartridge_home)
     assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_qa_files_from_other_editors_and_empty_lines_or_modes(tmp_path, db):
+    from engine.serve.evaluate import evaluate, read_qa
+
+    line = json.dumps({"question": "Where is the dinghy?", "answer": "At berth 14."})
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text(line + "\n", encoding="utf-8-sig")  # as Notepad writes UTF-8
+    assert read_qa(bom) == [json.loads(line)]
+    empty = write(tmp_path, "empty.jsonl", json.dumps({"question": "Where is the dinghy?", "answer": " "}) + "\n")
+    with pytest.raises(UserError, match="empty.jsonl:1: the question and the answer must not be empty"):
+        read_qa(empty)
+    with pytest.raises(UserError, match="name at least one mode"):
+        evaluate(db, "anything", bom, modes=())
 
 
 def test_contains_all_ignores_case():

@@ -36,7 +36,7 @@ def read_qa(path: str | Path) -> list[dict]:
     """JSON Lines of {"question", "answer", optional "expect": [strings]}; any bad line is a UserError naming it."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte-order mark, as some editors write)
     except OSError as exc:
         raise UserError(f"cannot read QA file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -49,6 +49,8 @@ def read_qa(path: str | Path) -> list[dict]:
             item = json.loads(line)
             if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
                 raise ValueError
+            if not item["question"].strip() or not item["answer"].strip():
+                raise UserError(f"{path}:{number}: the question and the answer must not be empty")
             expect = item.get("expect")
             if expect is not None and (not isinstance(expect, list) or not expect
                                        or not all(isinstance(e, str) and e.strip() for e in expect)):
@@ -132,6 +134,9 @@ def evaluate(db, corpus_name: str, qa_path: str | Path, *, modes: tuple[str, ...
     for mode in modes:
         if mode not in EVAL_MODES:
             raise UserError(f"unknown eval mode {mode!r} (choose from {', '.join(EVAL_MODES)})")
+    if not modes:
+        raise UserError(f"name at least one mode to evaluate (from {', '.join(EVAL_MODES)})")
+    modes = tuple(dict.fromkeys(modes))  # each once, in the order given
     qa = read_qa(qa_path)
     corpus = registry.get_corpus(db, corpus_name)
     row = registry.get_version(db, corpus, version)
