@@ -140,7 +140,8 @@ def test_refuses_wrong_shape(tmp_path):
         load_cartridge(folder, lm)
 
 
-@pytest.mark.parametrize("damage", ["missing", "empty", "no_meta", "bad_json", "corrupt_weights", "foreign_json"])
+@pytest.mark.parametrize("damage", ["missing", "empty", "no_meta", "bad_json", "corrupt_weights", "foreign_json",
+                                    "p_null", "p_text"])
 def test_refuses_corrupt_or_foreign_folder(tmp_path, damage):
     lm = shared_tiny_lm()
     folder = tmp_path / "cart"
@@ -159,6 +160,9 @@ def test_refuses_corrupt_or_foreign_folder(tmp_path, damage):
             (folder / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
         elif damage == "foreign_json":
             (folder / METADATA).write_text(json.dumps({"hello": "world"}))
+        elif damage.startswith("p_"):  # edited by hand
+            meta = json.loads((folder / METADATA).read_text())
+            (folder / METADATA).write_text(json.dumps({**meta, "p": None if damage == "p_null" else "4x"}))
     with pytest.raises(CartridgeMismatch, match="not a cartridge") as info:
         load_cartridge(folder, lm)
     assert "\n" not in str(info.value)

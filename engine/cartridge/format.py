@@ -231,7 +231,9 @@ def load_cartridge(folder: Path, lm: LoadedModel) -> Cartridge:
             f"cartridge {folder.name} was made for model {_short(meta.get('fingerprint', '?'))}, "
             f"not {_short(lm.fingerprint)}"
         )
-    want = (int(meta.get("p", -1)), kv_width(lm))
+    if type(meta.get("p")) is not int:  # (an edited file: null, text, a fraction)
+        raise CartridgeMismatch(f"not a cartridge: {folder} ({METADATA} gives no whole number p)")
+    want = (meta["p"], kv_width(lm))
     if embeddings.ndim != 2 or tuple(embeddings.shape) != want:
         raise CartridgeMismatch(
             f"cartridge {folder.name} has shape {tuple(embeddings.shape)}, expected {want} for this model"

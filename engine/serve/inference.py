@@ -90,7 +90,8 @@ def resolve(db, corpus_names: list[str], *, version: int | None = None, mode: st
     if mode in CARTRIDGE_MODES and model is None:
         specs = set()
         for folder in folders:
-            specs.add(read_metadata(folder).get("base_model"))  # a missing one: load_cartridge says so clearly
+            spec = read_metadata(folder).get("base_model")
+            specs.add(spec if isinstance(spec, str) else None)  # a missing one: load_cartridge says so clearly
         if len(specs) > 1:
             raise UserError(f"these cartridges were trained on different models ({', '.join(map(str, specs))})")
         model = specs.pop() if specs else None

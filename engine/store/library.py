@@ -34,7 +34,8 @@ def cartridge_info(folder: str | Path | None) -> dict | None:
         return None
     meta = read_metadata(folder)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    return {"p": meta.get("p"), "size_bytes": size, "size_mb": round(size / 1e6, 2), "created": meta.get("created"),
+    p = meta.get("p") if type(meta.get("p")) is int and meta["p"] > 0 else None  # (an edited file: see load_cartridge)
+    return {"p": p, "size_bytes": size, "size_mb": round(size / 1e6, 2), "created": meta.get("created"),
             "base_model": meta.get("base_model"), "metrics": meta.get("metrics") or {}, "folder": str(folder)}
 
 
