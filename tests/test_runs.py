@@ -218,3 +218,30 @@ def test_a_diverged_retrain_is_not_saved_and_the_serving_cartridge_stays(tmp_pat
     after = registry.get_version(db, registry.get_corpus(db, "notes"), 1)
     assert after["status"] == "ready" and after["cartridge"] == before["cartridge"]
     assert (Path(after["cartridge"]) / "adapter_model.safetensors").exists()
+
+
+def test_a_run_stopped_before_its_plan_was_recorded_resumes_with_the_plan_it_would_have_made(tmp_path, db):
+    """Tokenizing a big folder comes before the plan is recorded; a run stopped there had done no work, so
+    its resume plans afresh (the study scaled to the folder), instead of the preset's floor of conversations."""
+    import shutil
+    from dataclasses import asdict
+
+    from conftest import ASSETS
+    from engine.corpus.ingest import ingest
+
+    root = tmp_path / "notes"
+    shutil.copytree(ASSETS / "sample", root)
+    ingest(root, db=db)
+    corpus = registry.get_corpus(db, "notes")
+    version = registry.latest_version(db, corpus["id"])
+    cfg = pipeline.make_config("quick", p=16, conversations=4, conversations_per_ktok=2, max_conversations=6, steps=2,
+                               chunk_tokens=96, batch_size=2, max_answer_tokens=24, max_user_tokens=32, init="spread",
+                               verbatim=0.0)
+    assert cfg.conversations_for(version["tokens"]) == 6
+    run_id = registry.start_run(db, corpus["id"], version["id"], {"train": asdict(cfg), "preset": "quick"}, pid=os.getpid(),
+                                pid_started=process_started(os.getpid()))
+    registry.finish_run(db, run_id, "interrupted")
+    outcome = pipeline.train(db, "notes", resume=True)
+    assert outcome.run_id == run_id
+    plan = json.loads(registry.get_run(db, run_id)["config"])["plan"]
+    assert plan["kind"] == "full" and plan["conversations"] == 6

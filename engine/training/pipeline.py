@@ -303,15 +303,16 @@ class Plan:
                 "changed_files": self.changed_files}
 
     @classmethod
-    def from_config(cls, saved: dict, cfg: TrainConfig) -> "Plan":
-        """The plan an interrupted run recorded (runs from before plans were recorded: rebuilt from its summary)."""
+    def from_config(cls, saved: dict) -> "Plan | None":
+        """The plan an interrupted run recorded (runs from before plans were recorded: rebuilt from its summary),
+        or None: the run stopped before it recorded one, so before any work."""
         if "plan" in saved:
             return cls(**saved["plan"])
         inc = saved.get("incremental")
         if inc:
             return cls("incremental", inc["reused"] + inc["new"], inc["from_version"], inc["reused"], inc["new"],
                        list(inc["changed_files"]))
-        return cls("full", cfg.conversations)
+        return None
 
 
 # Measured with the quick preset on a 2-core CPU: llama.cpp self-study ~1.7 s per chunk prompt (shared by
@@ -537,9 +538,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         _prepare_synth_dir(folder, _synth_settings(cfg, lm.fingerprint, corpus, row))
 
         # 1. Plan: fixed and recorded before any work, so that a resumed run trains on the same data.
-        if previous is not None:
-            plan = Plan.from_config(saved, cfg)
-        else:
+        plan = Plan.from_config(saved) if previous is not None else None
+        if plan is None:
             plan = make_plan(db, corpus, row, lm, cfg, documents, incremental)
         config_doc["plan"] = plan.to_json()
         report(Progress("plan", message=plan_message(plan, cfg, int(row["tokens"] or 0), lm.device.type)))
