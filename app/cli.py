@@ -156,7 +156,8 @@ def cmd_train(args) -> None:
         outcome = pipeline.train(db, args.corpus, version=args.version, preset=args.preset, model=args.model,
                                  device=args.device, resume=args.resume, on_progress=bars, nproc=args.nproc,
                                  synthesis_server=args.synthesis_server, server_model=args.server_model,
-                                 concurrency=args.concurrency, **_train_overrides(args))
+                                 concurrency=args.concurrency, server_timeout=args.server_timeout,
+                                 **_train_overrides(args))
     except KeyboardInterrupt:
         bars.close()
         raise UserError(f"training stopped; continue with `cartridge train {args.corpus} --resume`") from None
@@ -440,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-model", metavar="NAME", help="the model to ask for, when the server serves several")
     p.add_argument("--concurrency", type=int, default=4, metavar="N",
                    help="conversations in flight on the server at a time (default 4)")
+    p.add_argument("--server-timeout", type=float, metavar="SECONDS",
+                   help="how long to wait for one answer of the server before trying again (default 120)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

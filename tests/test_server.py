@@ -100,15 +100,16 @@ def test_a_server_with_another_tokenizer_is_refused(server):
 
 
 def test_train_on_the_server_survives_a_server_that_stops(tmp_path, cartridge_home):
-    """train --synthesis-server: conversations from the server; when it stops answering the run is
-    interrupted with one clear message and keeps what was made; --resume on a new server finishes it."""
+    """train --synthesis-server: conversations from the server; when it stops answering (frozen: it still
+    accepts connections) the run is interrupted within its timeouts, with one clear message, and keeps what
+    was made; --resume on a new server finishes it."""
     from engine.store import registry
 
     folder = tmp_path / "notes"
     write(folder, "safety.md", TEXT)
     assert run_cli("ingest", str(folder), env_home=cartridge_home).returncode == 0
     flags = ["--tokens", "16", "--conversations", "12", "--steps", "2", "--chunk-tokens", "96", "--batch-size", "2",
-             "--answer-tokens", "24", "--init", "spread", "--concurrency", "2", "--json"]
+             "--answer-tokens", "24", "--init", "spread", "--concurrency", "2", "--server-timeout", "15", "--json"]
 
     url, process = start_server(tmp_path / "server-home")
     env = {**os.environ, "CARTRIDGE_HOME": str(cartridge_home), "PYTHONPATH": str(ROOT)}
@@ -120,8 +121,12 @@ def test_train_on_the_server_survives_a_server_that_stops(tmp_path, cartridge_ho
     while made < 3 and train.poll() is None and time.monotonic() < deadline:  # a few conversations, then stop it
         time.sleep(0.2)
         made = db.execute("select count(*) from run_metrics where phase = 'synthesis'").fetchone()[0]
-    stop(process)
-    out, err = train.communicate(timeout=300)
+    process.send_signal(signal.SIGSTOP)
+    try:
+        out, err = train.communicate(timeout=120)  # three tries of 15 s per request, not the default two minutes each
+    finally:
+        process.kill()
+        process.wait(30)
     assert made >= 3 and train.returncode == 2, err
     assert "did not answer" in err and "--resume" in err
     run = registry.list_runs(db, registry.get_corpus(db, "notes")["id"])[-1]
@@ -142,3 +147,32 @@ def test_train_on_the_server_survives_a_server_that_stops(tmp_path, cartridge_ho
     assert outcome["engines"]["synthesis"] == "server"
     assert outcome["engines"]["server"]["kind"] == "llama.cpp" and outcome["engines"]["server"]["url"] == url
     assert outcome["conversations"] >= 10  # 12 made, a tenth kept out to score the cartridge
+
+
+def test_a_stop_does_not_wait_for_a_server_that_hangs(tmp_path):
+    """The user's stop (the UI's Cancel) ends self-study on a frozen server at once, not after the requests
+    in flight time out (two minutes each by default)."""
+    from engine.corpus.chunks import Chunk
+    from engine.engines.server import ServerClient
+    from engine.engines.tokenizer import load_tokenizer
+    from engine.selfstudy.prompts import load_seed_prompts
+    from engine.training.pipeline import SEEDS_DIR
+    from engine.selfstudy.server_backend import synthesize_on_server
+
+    url, process = start_server(tmp_path / "server-home")
+    client = ServerClient(url)
+    tokenizer = load_tokenizer()
+    chunks = [Chunk(text=TEXT, files=["safety.md"], file_hashes=["0"], start=0, n_tokens=200, slot=(0, i))
+              for i in range(8)]
+    stop_at = []
+    process.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        made = list(synthesize_on_server(client, tokenizer, chunks, 8, seeds=load_seed_prompts(SEEDS_DIR), max_answer_tokens=24,
+                                         concurrency=2, should_stop=lambda: time.monotonic() - began > 1.0))
+        stop_at.append(time.monotonic() - began)
+    finally:
+        process.kill()
+        process.wait(30)
+        client.close()
+    assert made == [] and stop_at[0] < 30

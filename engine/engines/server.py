@@ -11,8 +11,9 @@ generated token ids and, at every generated position, the top-k log-probabilitie
 The kind is found from what the server answers (`/props` is llama.cpp's, `/get_model_info` SGLang's,
 anything else speaking `/v1/models` is taken for vLLM). Before any work the client checks that the served
 tokenizer is the training model's: the teacher's top-k ids index the training model's vocabulary, so a
-different tokenizer would train the cartridge on the wrong tokens. Requests time out and are retried a
-few times with backoff; a server that keeps failing stops the run with one clear message.
+different tokenizer would train the cartridge on the wrong tokens. Requests time out (120 s by default: one
+request is one turn of a conversation) and are retried a few times with backoff; a server that keeps
+failing, or answers in a form this client cannot read, stops the run with one clear message.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ LLAMA_PLAIN_SAMPLING = {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequen
                         "xtc_probability": 0.0}
 
 
+DEFAULT_TIMEOUT_S = 120.0
+
+
 class ServerError(UserError):
     """The server could not be reached, or answered something this client cannot use."""
 
@@ -40,7 +44,7 @@ class ServerError(UserError):
 class ServerClient:
     """One inference server; thread-safe (one HTTP connection pool shared by the workers)."""
 
-    def __init__(self, url: str, *, model: str | None = None, timeout: float = 300.0, retries: int = 2,
+    def __init__(self, url: str, *, model: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 2,
                  kind: str | None = None):
         import httpx
 
@@ -69,7 +73,10 @@ class ServerClient:
                     raise httpx.HTTPStatusError("server error", request=response.request, response=response)
                 if response.status_code >= 400:
                     raise ServerError(f"{self.url}{path} answered {response.status_code}: {response.text[:300]}")
-                return response.json()
+                doc = response.json()
+                if not isinstance(doc, dict):
+                    raise ServerError(f"{self.url}{path} answered {type(doc).__name__} JSON, not an object")
+                return doc
             except ServerError:
                 raise
             except (httpx.HTTPError, ValueError) as exc:
@@ -148,16 +155,28 @@ class ServerClient:
 
         With `k`, the top-k log-probabilities (ids and values) come with every generated token, and with the
         stop token when the answer ended on it."""
-        out = self._complete(prompt, max_tokens, temperature, k, seed)
+        out = self._completion(prompt, max_tokens, temperature, k, seed)
         if stop_ids and out.tokens and out.tokens[-1] in stop_ids:  # a server that returns the stop token itself
             out.tokens.pop()
             out.stopped = True
         if k and out.stopped and len(out.topk_ids) == len(out.tokens):  # the stop token's own row is missing
-            row = self._complete(prompt + out.tokens, 1, 0.0, k, seed)
+            row = self._completion(prompt + out.tokens, 1, 0.0, k, seed)
             if not len(row.topk_ids):
                 raise ServerError(f"{self.url} returned no log-probabilities for the token after an answer")
             out.topk_ids = np.concatenate([out.topk_ids, row.topk_ids[:1]])
             out.topk_logprobs = np.concatenate([out.topk_logprobs, row.topk_logprobs[:1]])
+        return out
+
+    def _completion(self, prompt, max_tokens, temperature, k, seed) -> Generated:
+        """One completion, its rows checked: one top-k row per generated token (and the stop token's)."""
+        try:
+            out = self._complete(prompt, max_tokens, temperature, k, seed)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise ServerError(f"{self.url} answered in a form this client cannot read "
+                              f"({type(exc).__name__}: {exc})") from None
+        if k and len(out.topk_ids) < len(out.tokens):
+            raise ServerError(f"{self.url} returned {len(out.topk_ids)} log-probability rows for {len(out.tokens)} "
+                              "tokens")
         return out
 
     def _llama(self, prompt, max_tokens, temperature, k, seed) -> Generated:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from itertools import islice
 
 from engine.engines.decoding import stop_ids
@@ -24,9 +24,11 @@ from engine.selfstudy.prompts import slot_random
 
 def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: int, *, seeds: dict[str, list[str]],
                          k: int = 20, temperature: float = 0.6, max_user_tokens: int = 96, max_answer_tokens: int = 192,
-                         seed: int = 0, concurrency: int = 4,
-                         on_progress: Callable[[int, int], None] | None = None) -> Iterator[Conversation]:
-    """Yield up to `n` conversations in chunk order, `concurrency` chunks in flight at a time."""
+                         seed: int = 0, concurrency: int = 4, on_progress: Callable[[int, int], None] | None = None,
+                         should_stop: Callable[[], bool] | None = None) -> Iterator[Conversation]:
+    """Yield up to `n` conversations in chunk order, `concurrency` chunks in flight at a time. `should_stop`
+    is also checked while waiting for the server, so a stop does not wait for a slow or hung request (the
+    requests in flight are left to end or time out in their threads)."""
     if not seeds:
         raise UserError("no seed prompts")
     if concurrency < 1:
@@ -43,22 +45,34 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
                                        temperature=temperature, max_user_tokens=max_user_tokens,
                                        max_answer_tokens=max_answer_tokens)
 
+    def result(future):
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:
+                if should_stop is not None and should_stop():
+                    return STOPPED
+
     produced = 0
     items = enumerate(chunks)
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="selfstudy-server") as pool:
-        pending = deque(pool.submit(one, item) for item in islice(items, concurrency))
-        try:
-            while pending and produced < n:  # results in chunk order, `concurrency` chunks in flight
-                conversation = pending.popleft().result()
-                following = next(items, None)
-                if following is not None:
-                    pending.append(pool.submit(one, following))
-                if conversation is None:
-                    continue
-                yield conversation
-                produced += 1
-                if on_progress is not None:
-                    on_progress(produced, n)
-        finally:
-            for future in pending:
-                future.cancel()
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="selfstudy-server")
+    pending = deque(pool.submit(one, item) for item in islice(items, concurrency))
+    try:
+        while pending and produced < n:  # results in chunk order, `concurrency` chunks in flight
+            conversation = result(pending.popleft())
+            if conversation is STOPPED:
+                return
+            following = next(items, None)
+            if following is not None:
+                pending.append(pool.submit(one, following))
+            if conversation is None:
+                continue
+            yield conversation
+            produced += 1
+            if on_progress is not None:
+                on_progress(produced, n)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+STOPPED = object()

@@ -253,7 +253,7 @@ def synthesize_version(lm, sampler: ChunkSampler, folder: Path, cfg: TrainConfig
             made_here = synthesize_on_server(server, lm.tokenizer, chunks, target - have, seeds=seeds,
                                              max_user_tokens=cfg.max_user_tokens,
                                              max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed,
-                                             concurrency=concurrency)
+                                             concurrency=concurrency, should_stop=should_stop)
         else:
             made_here = synthesize(lm, chunks, target - have, seeds=seeds, max_user_tokens=cfg.max_user_tokens,
                                    max_answer_tokens=cfg.max_answer_tokens, seed=cfg.seed, backend=backend)
@@ -455,7 +455,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
           device: str | None = None, resume: bool = False, incremental: bool = True, synthesis_backend: str = "auto",
           on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
           guard_current: bool = False, nproc: int = 1, synthesis_server: str | None = None,
-          server_model: str | None = None, concurrency: int = 4, **overrides) -> TrainOutcome:
+          server_model: str | None = None, concurrency: int = 4, server_timeout: float | None = None,
+          **overrides) -> TrainOutcome:
     """Train (or resume) the cartridge of a corpus version and make that version current.
 
     With `synthesis_server` (a URL) the self-study conversations are made on that inference server
@@ -510,7 +511,10 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
 
         if concurrency < 1:
             raise UserError("--concurrency must be at least 1")
-        server = ServerClient(synthesis_server, model=server_model)
+        if server_timeout is not None and server_timeout <= 0:
+            raise UserError("--server-timeout must be more than 0 seconds")
+        server = ServerClient(synthesis_server, model=server_model,
+                              **({"timeout": server_timeout} if server_timeout else {}))
         try:
             server.check_tokenizer(lm.tokenizer)
         except BaseException:
