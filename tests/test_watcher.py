@@ -299,6 +299,11 @@ def test_a_watcher_retrain_never_replaces_a_users_queued_settings(tmp_path, db):
     assert queue.submit("vault", source="watch", p=8) is mine  # merged into one retrain ...
     assert mine.kwargs == {"p": 64, "conversations": 40} and mine.source == "user"  # ... with the user's settings
     assert queue.submit("vault", source="user", p=32) is mine and mine.kwargs == {"p": 32}  # newer own settings win
+    # A queued retrain of an older version (or a resume) does not swallow the watcher's retrain of the newest.
+    old = queue.submit("notes", source="user", version=1)
+    newest = queue.submit("notes", source="watch", p=8)
+    assert newest is not old and old.kwargs == {"version": 1} and newest.kwargs == {"p": 8}
+    assert queue.submit("notes", source="user", resume=True) not in (old, newest)
 
 
 def test_event_filter_follows_ingest_rules(tmp_path):

@@ -45,6 +45,13 @@ class Job:
                 "submitted": self.submitted, "started": self.started, "finished": self.finished}
 
 
+def _same_target(a: dict, b: dict) -> bool:
+    """Whether two jobs of a corpus train the same thing: the same version (None: the newest), neither a resume
+    (which continues a run of its own). Only those are merged, so a retrain of a new version is never lost in
+    a queued retrain of an older one."""
+    return a.get("version") == b.get("version") and not a.get("resume") and not b.get("resume")
+
+
 class TrainingQueue:
     """Jobs run one at a time in submission order. A paused queue keeps accepting (and coalescing) jobs
     and starts none until resumed; the running one, if any, goes on."""
@@ -63,7 +70,7 @@ class TrainingQueue:
     def submit(self, corpus: str, source: str = "user", **kwargs) -> Job:
         with self._lock:
             for job in self._queue:
-                if job.corpus == corpus:
+                if job.corpus == corpus and _same_target(job.kwargs, kwargs):
                     # One retrain covers both. The user's own settings win over a watcher's.
                     if source == "user" or job.source == "watch":
                         job.kwargs, job.source = kwargs, source
