@@ -225,8 +225,10 @@ def build(ctx) -> dict:
                     result["chat"] = registry.get_chat(db, cid)
             except BaseException as exc:  # noqa: BLE001 - handed to the page below
                 result["error"] = exc
-                if question is not None:
-                    with open_db() as db:
+                with open_db() as db:
+                    if db_chat is None:  # the chat was made for this question: nothing of it is kept
+                        registry.delete_chat(db, cid)
+                    elif question is not None:
                         registry.delete_last_messages(db, cid, 1)
             finally:
                 pieces.put(None)
@@ -240,9 +242,12 @@ def build(ctx) -> dict:
                 yield pending, cid, gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 shown_at = time.monotonic()
         if "error" in result:
-            with open_db() as db:
-                chat = registry.get_chat(db, cid)
-            yield chat_display(chat), cid, question or "", gr.skip(), gr.skip(), gr.skip()
+            if db_chat is None:
+                yield [], None, question or "", gr.skip(), gr.skip(), gr.skip()
+            else:
+                with open_db() as db:
+                    chat = registry.get_chat(db, cid)
+                yield chat_display(chat), cid, question or "", gr.skip(), gr.skip(), gr.skip()
             raise result["error"]
         chat = result["chat"]
         choices = chat_choices()

@@ -323,6 +323,17 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
         assert shown == [] and open_id is None and title == ""
 
 
+def test_a_first_answer_that_fails_leaves_no_empty_chat(tmp_path):
+    from gradio_client.exceptions import AppError
+
+    from engine.store import registry
+
+    with running_app() as (demo, client):
+        with pytest.raises(AppError, match="needs .* positions"):
+            client.predict("word " * 8000, None, [], "", "none", 1024, 0.0, api_name="/chat")
+        assert registry.list_chats(registry.open_registry()) == []
+
+
 def _serve(argv, env):
     """Start `cartridge ARGV` and return (process, url) once it says where it listens."""
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], env=env, stdout=subprocess.PIPE,
