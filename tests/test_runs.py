@@ -48,6 +48,8 @@ def test_a_reused_pid_does_not_keep_a_stale_run_alive(db, cartridge_home):
     live = registry.start_run(db, corpus["id"], version["id"], {}, pid=me, pid_started=process_started(me))
     assert run_alive(registry.get_run(db, live)) and recover_interrupted(db) == []
     registry.finish_run(db, live, "done")
+    # The wall clock was set by a few seconds since (start times move with it): still the same process.
+    assert run_alive({"pid": me, "pid_started": process_started(me) + 3.0})
     # A row left by a process that died before a reboot: its pid now belongs to another (live) process.
     stale = registry.start_run(db, corpus["id"], version["id"], {}, pid=me, pid_started=process_started(me) - 3600)
     assert not run_alive(registry.get_run(db, stale))

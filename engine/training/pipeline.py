@@ -109,6 +109,9 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
     return cfg
 
 
+PID_START_TOLERANCE_S = 30.0
+
+
 def process_started(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), or None when there is no such process."""
     import psutil
@@ -130,7 +133,9 @@ def run_alive(run: dict) -> bool:
     if started is None:
         return False
     recorded = run.get("pid_started")
-    return recorded is None or started == 0.0 or abs(started - recorded) < 1.0
+    # Within 30 s: a start time is derived from the wall clock's idea of the boot time, which moves when the
+    # clock is set (NTP, waking from sleep); a reused pid belongs to a process started after the run's died.
+    return recorded is None or started == 0.0 or abs(started - recorded) < PID_START_TOLERANCE_S
 
 
 def recover_interrupted(db) -> list[int]:
