@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -254,6 +255,15 @@ def test_load_hf_folder_and_fingerprint(tmp_path):
     from engine.engines.models import hf_fingerprint
 
     assert hf_fingerprint(str(moved)) == lm.fingerprint
+    # Another fine-tune of the same model: same config, same file names and sizes, other weights.
+    other = tmp_path / "other" / "tiny-hf"
+    shutil.copytree(moved, other)
+    weights = next(other.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) // 2, len(data), 512):
+        data[i] ^= 0x55
+    weights.write_bytes(bytes(data))
+    assert hf_fingerprint(str(other)) != lm.fingerprint
 
 
 @pytest.mark.parametrize("overrides,chat_template,message", [

@@ -287,8 +287,25 @@ def gguf_fingerprint(path: Path) -> str:
     return f"{path.name}@sha256:{cache[key]}"
 
 
+FINGERPRINT_SAMPLES = 64  # blocks read from each weight file
+FINGERPRINT_BLOCK = 4096
+
+
+def _sampled_digest(path: Path) -> str:
+    """A digest of blocks read at evenly spaced places of a weight file: two fine-tunes of one model have
+    the same names and sizes, but not the same bytes, and hashing gigabytes on every load would be slow."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for i in range(FINGERPRINT_SAMPLES):
+            fh.seek(size * i // FINGERPRINT_SAMPLES)
+            digest.update(fh.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
 def hf_fingerprint(spec: str) -> str:
-    """`<spec>@sha256:<hex>` over config.json and the sorted (weight file, size) list of the snapshot."""
+    """`<spec>@sha256:<hex>` over config.json and the snapshot's sorted weight files (name, size, and a
+    digest of blocks sampled across each)."""
     from transformers.utils import cached_file
 
     config_path = cached_file(spec, "config.json")
@@ -297,7 +314,7 @@ def hf_fingerprint(spec: str) -> str:
     folder = Path(config_path).parent
     digest = hashlib.sha256(Path(config_path).read_bytes())
     weights = sorted(
-        (p.name, p.stat().st_size)
+        (p.name, p.stat().st_size, _sampled_digest(p))
         for p in folder.iterdir()
         if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
     )
