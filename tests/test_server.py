@@ -34,6 +34,23 @@ def start_server(home) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
+def freeze(process: subprocess.Popen) -> None:
+    """Stop the llama-server under `cartridge llama-server` (it keeps accepting connections, answers nothing)."""
+    import psutil
+
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.send_signal(signal.SIGSTOP)
+
+
+def kill(process: subprocess.Popen) -> None:
+    import psutil
+
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    process.kill()
+    process.wait(30)
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -121,12 +138,11 @@ def test_train_on_the_server_survives_a_server_that_stops(tmp_path, cartridge_ho
     while made < 3 and train.poll() is None and time.monotonic() < deadline:  # a few conversations, then stop it
         time.sleep(0.2)
         made = db.execute("select count(*) from run_metrics where phase = 'synthesis'").fetchone()[0]
-    process.send_signal(signal.SIGSTOP)
+    freeze(process)
     try:
         out, err = train.communicate(timeout=120)  # three tries of 15 s per request, not the default two minutes each
     finally:
-        process.kill()
-        process.wait(30)
+        kill(process)
     assert made >= 3 and train.returncode == 2, err
     assert "did not answer" in err and "--resume" in err
     run = registry.list_runs(db, registry.get_corpus(db, "notes")["id"])[-1]
@@ -165,14 +181,13 @@ def test_a_stop_does_not_wait_for_a_server_that_hangs(tmp_path):
     chunks = [Chunk(text=TEXT, files=["safety.md"], file_hashes=["0"], start=0, n_tokens=200, slot=(0, i))
               for i in range(8)]
     stop_at = []
-    process.send_signal(signal.SIGSTOP)
+    freeze(process)
     try:
         began = time.monotonic()
         made = list(synthesize_on_server(client, tokenizer, chunks, 8, seeds=load_seed_prompts(SEEDS_DIR), max_answer_tokens=24,
                                          concurrency=2, should_stop=lambda: time.monotonic() - began > 1.0))
         stop_at.append(time.monotonic() - began)
     finally:
-        process.kill()
-        process.wait(30)
+        kill(process)
         client.close()
     assert made == [] and stop_at[0] < 30
