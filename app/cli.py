@@ -187,6 +187,10 @@ def cmd_llama_server(args) -> None:
     from engine.engines import llama_server
     from engine.store.paths import default_model_path
 
+    from app.ports import port_is_free
+
+    if not args.build_only and not port_is_free(args.port):
+        raise UserError(f"port {args.port} is in use; pick another with --port")
     binary = llama_server.ensure_built(say=lambda message: print(message, file=sys.stderr, flush=True))
     if args.build_only:
         print(binary)

@@ -7,17 +7,15 @@ page opened later shows the job that is running.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import gradio as gr
 
 from app import ui_chat, ui_eval, ui_library, ui_train
 from engine.errors import UserError
+from app.ports import HOST, free_port, port_is_free
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_PORT = 7860
-HOST = "127.0.0.1"
 
 
 def theme():
@@ -115,23 +113,6 @@ def build_app(queue=None, *, watch: bool = True) -> gr.Blocks:
     demo.training_queue = queue
     demo.watch_service = watcher
     return demo
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(start: int = DEFAULT_PORT, tries: int = 100) -> int:
-    """`start` or the next port after it that nothing listens on (on 127.0.0.1)."""
-    for port in range(start, start + tries):
-        if port_is_free(port):
-            return port
-    raise UserError(f"no free port between {start} and {start + tries - 1}")
 
 
 def launch(port: int | None = None, open_browser: bool = True, share: bool = False):

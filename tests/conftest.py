@@ -50,7 +50,8 @@ def run_cli(*args: str, env_home: Path, timeout: int = 600) -> subprocess.Comple
 @contextmanager
 def served_app(first_port: int):
     """The desktop app served in this process on 127.0.0.1; yields (demo, url). Stops every job it left."""
-    from app.ui import build_app, free_port
+    from app.ports import free_port
+    from app.ui import build_app
 
     demo = build_app()
     port = free_port(first_port)

@@ -43,6 +43,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, cartridge_home):
     assert listing == {"corpora": []}
 
 
+def test_llama_server_on_a_port_in_use_says_so(cartridge_home):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("llama-server", "--port", str(port), env_home=cartridge_home, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"error: port {port} is in use; pick another with --port\n"
+
+
 def test_ingest_options_given_once_are_kept_and_one_option_changes_only_itself(tmp_path, cartridge_home):
     root = tmp_path / "vault"
     write(root, "one.md", "First note about the lighthouse.\n")

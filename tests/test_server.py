@@ -20,7 +20,7 @@ TEXT = (ASSETS / "sample" / "safety.md").read_text(encoding="utf-8")[:700]
 
 def start_server(home) -> tuple[str, subprocess.Popen]:
     """`cartridge llama-server` on a free port; returns (url, process)."""
-    from app.ui import free_port
+    from app.ports import free_port
     from engine.engines import llama_server
 
     llama_server.ensure_built(say=print)  # the first run compiles it (minutes), later ones find it

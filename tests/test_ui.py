@@ -387,7 +387,7 @@ def _listening_addresses(port: int) -> list[str]:
 
 
 def test_ui_command_serves_on_localhost_only(cartridge_home):
-    from app.ui import free_port
+    from app.ports import free_port
 
     env = {**os.environ, "CARTRIDGE_HOME": str(cartridge_home), "PYTHONPATH": str(ROOT),
            "BROWSER": "true"}  # a no-op browser for the bare command, which opens one
