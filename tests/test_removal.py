@@ -85,3 +85,23 @@ def test_removed_text_is_not_left_in_the_registry_file(tmp_path, cartridge_home)
     stored = b"".join(f.read_bytes() for f in files if f.exists()).lower()
     assert b"brackwater" not in stored and b"imogen" not in stored and b"quillfeather" not in stored
     assert b"allotment" in stored  # the other corpus is still there
+
+
+def test_a_removal_stopped_half_way_is_finished_by_the_next_one(tmp_path, db):
+    """Killed after its registry transaction, a removal left its folders (nothing names them any more); the
+    next removal deletes them too, and nothing of a corpus still known."""
+    import uuid
+
+    from engine.corpus.ingest import ingest
+    from engine.training.pipeline import remove_corpus
+
+    for name in ("club", "garden"):
+        ingest(notes(tmp_path / name), db=db)
+    kept = {"uid": registry.get_corpus(db, "garden")["uid"]}
+    orphan = {"uid": uuid.uuid4().hex}
+    for corpus in (kept, orphan):
+        for folder in corpus_folders(corpus):
+            write(folder, "v1/part.txt", SECRET)
+    remove_corpus(db, "club")
+    assert not any(folder.exists() for folder in corpus_folders(orphan))
+    assert all((folder / "v1" / "part.txt").exists() for folder in corpus_folders(kept))

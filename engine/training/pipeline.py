@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -159,16 +160,29 @@ def corpus_folders(corpus: dict) -> list[Path]:
     return [data_home() / kind / corpus["uid"] for kind in ("synth", "runs")] + [cartridges_dir() / corpus["uid"]]
 
 
+def _left_behind(db) -> list[Path]:
+    """Folders named by the uid of a corpus the registry no longer has: what a removal stopped between its
+    registry transaction and its deletions left on disk."""
+    known = {c["uid"] for c in registry.list_corpora(db)}
+    found = []
+    for base in {folder.parent for folder in corpus_folders({"uid": "x"})}:
+        if base.is_dir():
+            found += [d for d in base.iterdir() if d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)
+                      and d.name not in known]
+    return found
+
+
 def remove_corpus(db, name: str) -> dict:
     """Forget a corpus and delete every file the app made for it (conversations, checkpoints, cartridges),
-    once the registry transaction has committed. Refused while it trains. Returns the removed corpus."""
+    once the registry transaction has committed; also what an earlier removal, stopped half-way, left.
+    Refused while it trains. Returns the removed corpus."""
     recover_interrupted(db)
     corpus = registry.get_corpus(db, name)
     running = registry.list_runs(db, corpus["id"], status="running")
     if running:
         raise UserError(f"{name!r} is training (run {running[0]['id']}); stop it before removing the corpus")
     registry.delete_corpus(db, corpus["id"])
-    for folder in corpus_folders(corpus):
+    for folder in corpus_folders(corpus) + _left_behind(db):
         shutil.rmtree(folder, ignore_errors=True)
     scrubbed = registry.scrub_deleted_text(db)
     return {"name": corpus["name"], "root": corpus["root"], "removed": True, "scrubbed": scrubbed}
