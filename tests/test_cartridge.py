@@ -277,3 +277,19 @@ def test_unsupported_hf_models_are_refused(tmp_path, overrides, chat_template, m
     folder = _save_tiny_hf(tmp_path / "bad", chat_template=chat_template, **overrides)
     with pytest.raises(UserError, match=message):
         load_model(str(folder), "cpu")
+
+
+def test_composed_cartridges_beyond_the_context_say_so(db):
+    """On torch the composed prefix is only measured against the context at the first answer: the message
+    names the cartridges, not the conversation."""
+    from engine.errors import UserError
+    from engine.serve.inference import Chat, Target
+
+    lm = shared_tiny_lm()
+    target = Target([{"name": "a", "uid": "1"}, {"name": "b", "uid": "2"}], [{"number": 1}, {"number": 1}],
+                    "cartridge", [], None)
+    p = lm.max_positions - 8
+    chat = Chat(db, target, TorchEngine(lm), lm.tokenizer, torch.zeros(p, kv_width(lm)))
+    with pytest.raises(UserError, match=rf"the cartridges \({p:,} positions\) and the conversation needs .* "
+                                        "compose fewer corpora"):
+        chat.reply([{"role": "user", "content": "Where is the dinghy?"}], max_new_tokens=16)

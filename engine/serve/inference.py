@@ -161,9 +161,15 @@ class Chat:
     def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
         needed = self.prefix_tokens + n_prompt + max_new_tokens
         if needed > self.max_positions:
-            what = "the corpus in context" if self.system is not None else "the conversation"
-            raise UserError(f"{what} needs {needed:,} positions but the model has {self.max_positions:,}: "
-                            "use a cartridge, or start a new chat")
+            if self.system is not None:
+                what, fix = "the corpus in context", "use a cartridge, or start a new chat"
+            elif self.prefix_tokens:
+                what, fix = (f"the cartridges ({self.prefix_tokens:,} positions) and the conversation",
+                             "compose fewer corpora, ask for a shorter answer, or start a new chat")
+            else:
+                what, fix = "the conversation", "ask for a shorter answer, or start a new chat"
+            raise UserError(f"{what} needs {needed:,} positions with the answer but the model has "
+                            f"{self.max_positions:,}: {fix}")
 
     def reply(self, messages: list[dict], *, max_new_tokens: int = DEFAULT_DECODING.max_new_tokens,
               temperature: float = DEFAULT_DECODING.temperature, no_repeat_ngram: int = DEFAULT_DECODING.no_repeat_ngram,
