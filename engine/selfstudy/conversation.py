@@ -7,6 +7,7 @@ match on a GPU, so it keeps its own loop (`torch_backend`) with the same prompts
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -79,3 +80,21 @@ def self_study_conversation(teacher: InferenceEngine, tokenizer, chunk, seeds: d
                         topk_ids=np.asarray(answer.topk_ids[:n], np.int32),
                         topk_logprobs=np.asarray(answer.topk_logprobs[:n], np.float16),
                         files=files, file_hashes=hashes, seed_type=seed_type, slot=getattr(chunk, "slot", None))
+
+
+def first_made(attempts: Iterable[Conversation | None], n: int,
+               on_progress: Callable[[int, int], None] | None = None) -> Iterator[Conversation]:
+    """The first `n` conversations of `attempts` (None: a chunk that gave none), each counted to
+    `on_progress`. `attempts` is pulled lazily: no chunk is tried once `n` are made."""
+    produced = 0
+    if n <= 0:
+        return
+    for conversation in attempts:
+        if conversation is None:
+            continue
+        yield conversation
+        produced += 1
+        if on_progress is not None:
+            on_progress(produced, n)
+        if produced >= n:
+            return

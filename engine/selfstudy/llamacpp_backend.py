@@ -22,7 +22,7 @@ from engine.engines.llamacpp import LayoutUnsupported, LlamaCppEngine
 from engine.engines.llamacpp_inference import LlamaCppInference
 from engine.engines.llamacpp_worker import LlamaCppProcess
 from engine.engines.decoding import stop_ids
-from engine.selfstudy.conversation import self_study_conversation
+from engine.selfstudy.conversation import first_made, self_study_conversation
 from engine.selfstudy.prompts import slot_random
 from engine.selfstudy.torch_backend import _synthesize_torch
 
@@ -60,20 +60,15 @@ def synthesize_llamacpp(model_path: str | Path | None, tokenizer, chunks: Iterab
     teacher = LlamaCppInference(engine)
     teacher.set_prefix()  # nothing in front: the teacher sees the chunk in its prompt
     stop = stop_ids(tokenizer)
-    produced = 0
-    for index, chunk in enumerate(chunks):
-        if produced >= n:
-            break
-        rng, sampler = slot_random(seed, chunk, index)
-        conversation = self_study_conversation(
-            teacher, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k,
-            temperature=temperature, max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
-        if conversation is None:
-            continue
-        yield conversation
-        produced += 1
-        if on_progress is not None:
-            on_progress(produced, n)
+
+    def attempts():
+        for index, chunk in enumerate(chunks):
+            rng, sampler = slot_random(seed, chunk, index)
+            yield self_study_conversation(
+                teacher, tokenizer, chunk, seeds, rng=rng, sampler=sampler, stop=stop, k=k,
+                temperature=temperature, max_user_tokens=max_user_tokens, max_answer_tokens=max_answer_tokens)
+
+    yield from first_made(attempts(), n, on_progress)
 
 
 def llamacpp_backend(lm, chunks: Iterable, n: int, *, seeds, k, temperature, max_user_tokens, max_answer_tokens,

@@ -18,7 +18,7 @@ from engine.engines.server import ServerClient
 from engine.engines.server_engine import ServerInference
 from engine.errors import UserError
 from engine.selfstudy.conversations import Conversation
-from engine.selfstudy.conversation import self_study_conversation
+from engine.selfstudy.conversation import first_made, self_study_conversation
 from engine.selfstudy.prompts import slot_random
 
 
@@ -53,24 +53,22 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
                 if should_stop is not None and should_stop():
                     return STOPPED
 
-    produced = 0
-    items = enumerate(chunks)
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="selfstudy-server")
-    pending = deque(pool.submit(one, item) for item in islice(items, concurrency))
-    try:
-        while pending and produced < n:  # results in chunk order, `concurrency` chunks in flight
+    def attempts():
+        """Results in chunk order, `concurrency` chunks in flight."""
+        items = enumerate(chunks)
+        pending = deque(pool.submit(one, item) for item in islice(items, concurrency))
+        while pending:
             conversation = result(pending.popleft())
             if conversation is STOPPED:
                 return
             following = next(items, None)
             if following is not None:
                 pending.append(pool.submit(one, following))
-            if conversation is None:
-                continue
             yield conversation
-            produced += 1
-            if on_progress is not None:
-                on_progress(produced, n)
+
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="selfstudy-server")
+    try:
+        yield from first_made(attempts(), n, on_progress)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
