@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import CartridgeMismatch, UserError
-from engine.cartridge.metadata import METADATA
+from engine.cartridge.metadata import METADATA, cartridge_p
 from engine.engines.models import LoadedModel, chat_ids
 
 FORMAT = "cartridge-desktop/1"
@@ -231,9 +231,10 @@ def load_cartridge(folder: Path, lm: LoadedModel) -> Cartridge:
             f"cartridge {folder.name} was made for model {_short(meta.get('fingerprint', '?'))}, "
             f"not {_short(lm.fingerprint)}"
         )
-    if type(meta.get("p")) is not int:  # (an edited file: null, text, a fraction)
-        raise CartridgeMismatch(f"not a cartridge: {folder} ({METADATA} gives no whole number p)")
-    want = (meta["p"], kv_width(lm))
+    p = cartridge_p(meta)
+    if p is None:
+        raise CartridgeMismatch(f"not a cartridge: {folder} ({METADATA} gives no positive whole number p)")
+    want = (p, kv_width(lm))
     if embeddings.ndim != 2 or tuple(embeddings.shape) != want:
         raise CartridgeMismatch(
             f"cartridge {folder.name} has shape {tuple(embeddings.shape)}, expected {want} for this model"

@@ -19,6 +19,12 @@ def read_metadata(folder: str | Path | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def cartridge_p(meta: dict) -> int | None:
+    """The metadata's p (virtual tokens), or None when it is not a positive whole number (an edited file)."""
+    p = meta.get("p")
+    return p if type(p) is int and p > 0 else None
+
+
 def trained_setting(folder: str | Path | None, name: str, default=None):
     """A training setting the cartridge was made with (`default` when it does not say)."""
     return ((read_metadata(folder).get("training") or {}).get("train") or {}).get(name, default)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from engine.cartridge.metadata import read_metadata
+from engine.cartridge.metadata import cartridge_p, read_metadata
 from engine.store import registry
 
 # Beyond this many tokens, a cartridge for the default model trained on a CPU covers the folder thinly:
@@ -34,8 +34,7 @@ def cartridge_info(folder: str | Path | None) -> dict | None:
         return None
     meta = read_metadata(folder)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    p = meta.get("p") if type(meta.get("p")) is int and meta["p"] > 0 else None  # (an edited file: see load_cartridge)
-    return {"p": p, "size_bytes": size, "size_mb": round(size / 1e6, 2), "created": meta.get("created"),
+    return {"p": cartridge_p(meta), "size_bytes": size, "size_mb": round(size / 1e6, 2), "created": meta.get("created"),
             "base_model": meta.get("base_model"), "metrics": meta.get("metrics") or {}, "folder": str(folder)}
 
 
