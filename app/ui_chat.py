@@ -55,7 +55,8 @@ def answered_from(chat: dict) -> list[str]:
     by_uid, names = {c["uid"]: c["name"] for c in corpora}, [c["name"] for c in corpora]
     last = _last_answer(chat)
     if last is not None:
-        answered = [by_uid.get(v.get("uid"), v["corpus"] if "uid" not in v else None) for v in last.get("versions") or []]
+        # answers saved before replies recorded uids name their corpus only
+        answered = [by_uid.get(v["uid"]) if "uid" in v else v["corpus"] for v in last.get("versions") or []]
         if all(n in names for n in answered):
             return answered
     return keep(chat["corpora"], names)

@@ -140,7 +140,8 @@ def distill_across(nproc: int, peft_model, lm, model: str | None, conversations:
         job = {"model": model, "device": lm.device.type, "start": str(start), "conversations": conversations,
                "cfg": cfg, "heldout": heldout, "resume": resume, "out": tmp,
                "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir is not None else None}
-        processes = mp.start_processes(_worker, args=(nproc, str(Path(tmp) / "rendezvous"), job, progress, stop), nprocs=nproc,
+        rendezvous = str(Path(tmp) / "rendezvous")
+        processes = mp.start_processes(_worker, args=(nproc, rendezvous, job, progress, stop), nprocs=nproc,
                                        join=False, start_method="spawn")
 
         def relay() -> None:

@@ -154,10 +154,15 @@ def recover_interrupted(db) -> list[int]:
     return found
 
 
+def _corpus_bases() -> list[Path]:
+    """Where the app writes for its corpora: conversations, run checkpoints, cartridges."""
+    return [data_home() / "synth", data_home() / "runs", cartridges_dir()]
+
+
 def corpus_folders(corpus: dict) -> list[Path]:
     """Every folder the app writes for a corpus (conversations, run checkpoints, cartridges), named by
     its uid, which is never reused: a later corpus can never find an earlier one's files."""
-    return [data_home() / kind / corpus["uid"] for kind in ("synth", "runs")] + [cartridges_dir() / corpus["uid"]]
+    return [base / corpus["uid"] for base in _corpus_bases()]
 
 
 def _left_behind(db) -> list[Path]:
@@ -165,7 +170,7 @@ def _left_behind(db) -> list[Path]:
     registry transaction and its deletions left on disk."""
     known = {c["uid"] for c in registry.list_corpora(db)}
     found = []
-    for base in {folder.parent for folder in corpus_folders({"uid": "x"})}:
+    for base in _corpus_bases():
         if base.is_dir():
             found += [d for d in base.iterdir() if d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)
                       and d.name not in known]
