@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import numpy as np
@@ -34,6 +35,38 @@ def test_quoting_conversations_quote_the_corpus(db):
     assert [c.user for c in again] == [c.user for c in made]  # seeded: a resumed run trains on the same
     only = {documents[0].path}
     assert all(set(c.files) <= only for c in verbatim_conversations(tokenizer, sampler, 4, seed=1, only_files=only))
+
+
+def test_spread_quotes_cover_the_corpus_evenly_where_random_ones_leave_gaps(db):
+    documents = version_documents(db, ingest(ASSETS / "sample", db=db).version)
+    sampler, tokenizer = ChunkSampler(documents), load_tokenizer(None)
+
+    def covered(spans):
+        counts = np.zeros(sampler.n_tokens, int)
+        for span in spans:
+            counts[span.start:span.start + span.n_tokens] += 1
+        return counts
+
+    n, length = 80, 136  # the sample about twice over (with strata under half a span, no gap is possible)
+    spread = sampler.stratified(n, length, random.Random(0))
+    assert len(spread) == n and all(s.n_tokens == length for s in spread)
+    starts = [s.start for s in spread]
+    assert starts == sorted(starts)  # one per stratum, in order
+    stride = (sampler.n_tokens - length + 1) / n
+    assert all(i * stride <= s < (i + 1) * stride for i, s in enumerate(starts))
+    inner = slice(length, sampler.n_tokens - length)  # away from the ends, which fewer spans can reach
+    assert covered(spread)[inner].min() >= 1  # no passage left out
+    rng = random.Random(0)
+    assert covered([sampler.sample(length, rng) for _ in range(n)])[inner].min() == 0  # random starts leave gaps
+    assert [s.start for s in sampler.stratified(n, length, random.Random(0))] == starts  # seeded
+
+    only = {documents[0].path, documents[-1].path}
+    spans = sampler.stratified(12, length, random.Random(1), only)
+    assert all(set(s.files) <= only and len(s.files) == 1 for s in spans)  # never past a file's end
+    assert {s.files[0] for s in spans} == only  # both files drawn
+    quotes = verbatim_conversations(tokenizer, sampler, 8, seed=2, k=5, spread=True)
+    assert len(quotes) == 8
+    assert [q.user for q in quotes] != [q.user for q in verbatim_conversations(tokenizer, sampler, 8, seed=2, k=5)]
 
 
 def test_cloze_conversations_blank_one_fact_of_a_corpus_sentence(db):

@@ -98,6 +98,33 @@ class ChunkSampler:
         start = rng.randrange(lo, max(lo + 1, hi - n_tokens + 1))
         return self.span(start, min(n_tokens, hi - start))
 
+    def stratified(self, count: int, n_tokens: int, rng: random.Random,
+               only_files: set[str] | None = None) -> list[Chunk]:
+        """`count` spans whose starts are stratified: the possible starts (in `only_files` only, end to end,
+        when given) are cut into `count` equal strata and each span starts at a random place in its own, so
+        every part of the text is drawn about equally often. Independent random starts leave some passages
+        undrawn and draw others many times."""
+        paths = None if only_files is None else {d.path for d in self.documents} & set(only_files)
+        if paths is not None and not paths:
+            raise ValueError("none of the requested files is in this corpus")
+        ranges = []  # (first token, end token, number of starts) of each file, or of the whole corpus
+        if paths is None:
+            ranges.append((0, self.n_tokens, max(1, self.n_tokens - n_tokens + 1)))
+        else:
+            for i, doc in enumerate(self.documents):
+                if doc.path in paths:
+                    lo, hi = self.token_starts[i], self.token_starts[i + 1]
+                    ranges.append((lo, hi, max(1, hi - lo - n_tokens + 1)))
+        ends = np.cumsum([starts for _, _, starts in ranges])
+        spans = []
+        for i in range(count):
+            x = min(int(ends[-1]) - 1, int((i + rng.random()) * int(ends[-1]) / count))
+            r = int(np.searchsorted(ends, x, side="right"))
+            lo, hi, starts = ranges[r]
+            start = lo + x - (int(ends[r]) - starts)
+            spans.append(self.span(start, min(n_tokens, hi - start)))
+        return spans
+
     def sample_many(self, count: int, n_tokens: int, seed: int = 0, only_files: set[str] | None = None,
                     cover: bool = False) -> list[Chunk]:
         """`count` random spans; with `cover`, the first ones are one per file (in a seeded order), so that

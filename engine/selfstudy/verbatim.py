@@ -56,20 +56,23 @@ def _whole_sentences(chunk, min_words: int, max_words: int) -> list[str]:
 
 def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: int = 20,
                            only_files: set[str] | None = None, cloze: float = 0.0,
-                           topics: float = 0.0) -> list[Conversation]:
-    """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded;
-    a `cloze` share of them are fill-in-the-blank sentences instead (see `cloze_conversations`), a `topics`
-    share questions about a name answered with the sentences that give it (see `topic_conversations`)."""
+                           topics: float = 0.0, spread: bool = False) -> list[Conversation]:
+    """`n` quoting conversations from passages drawn from `sampler`'s corpus (or only `only_files`), seeded,
+    at random or, with `spread`, stratified across it (see `ChunkSampler.stratified`); a `cloze` share of them
+    are fill-in-the-blank sentences instead (see `cloze_conversations`), a `topics` share questions about a
+    name answered with the sentences that give it (see `topic_conversations`)."""
     n_cloze, n_topics = round(n * cloze), round(n * topics)
     made = cloze_conversations(tokenizer, sampler, n_cloze, seed, k=k, only_files=only_files) if n_cloze else []
     if n_topics:
         made += topic_conversations(tokenizer, sampler, n_topics, seed, k=k, only_files=only_files)
     rng = random.Random(f"verbatim-{seed}")
     stop = turn_end_id(tokenizer)  # where the teacher's own answers end
+    # passages too short to quote are replaced by random ones
+    planned = iter(sampler.stratified(n - len(made), ANSWER_TOKENS + 40, rng, only_files) if spread else ())
     for _attempt in range(4 * n):
         if len(made) >= n:
             break
-        chunk = sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
+        chunk = next(planned, None) or sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
         words = " ".join(line for line in chunk.text.splitlines() if not line.startswith("### File:")).split()
         if len(words) < OPENING_WORDS + 8:
             continue  # a passage too short to quote

@@ -29,6 +29,7 @@ LOSS_ON = ("assistant", "all")
 TEACHERS = ("corpus", "chunk")
 LR_SCHEDULES = ("constant", "cosine")
 INITS = ("first", "spread", "attention")
+QUOTES = ("random", "spread")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
     verbatim: float = 0.0
     cloze: float = 0.0  # share of the quoting conversations that blank out a fact of a sentence instead
     topics: float = 0.0  # share of them that ask about a name of a sentence, answered with that sentence
+    quotes: str = "random"  # where the quoted passages start: "random", or "spread" (stratified, see
+    # ChunkSampler.stratified: every part of the folder quoted about equally often)
     # share of the self-study conversations trained with the passages retrieved for their question in the
     # student's prompt, as chat's cartridge+rag mode puts them after the cartridge (budget: p tokens)
     rag: float = 0.0

@@ -27,7 +27,7 @@ from engine.corpus.chunks import ChunkSampler, version_documents
 from engine.engines.models import cpu_has_fast_bf16
 from engine.errors import UserError
 from engine.store.paths import cartridges_dir, data_home
-from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, TEACHERS, StepMetrics, TrainConfig,
+from engine.training.distill import (INITS, LR_SCHEDULES, PRESETS, QUOTES, TEACHERS, StepMetrics, TrainConfig,
                              split_heldout)
 
 SHARD_SIZE = 8  # conversations per shard: a kill loses at most this many
@@ -100,7 +100,7 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
     if not 0 <= cfg.cloze <= 1 or not 0 <= cfg.topics <= 1 or not 0 <= cfg.rag <= 1 or cfg.cloze + cfg.topics > 1:
         raise UserError("cloze, topics and rag are shares: between 0 and 1 (cloze + topics at most 1)")
     for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("init", cfg.init, INITS),
-                                 ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
+                                 ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES), ("quotes", cfg.quotes, QUOTES)):
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
     if cfg.seed_mix:
@@ -622,7 +622,7 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
             conversations = conversations + verbatim_conversations(
                 lm.tokenizer, sampler, verbatim_count(len(conversations), cfg.verbatim), cfg.seed, k=k,
                 only_files=set(plan.changed_files) if plan.kind == "incremental" else None, cloze=cfg.cloze,
-                topics=cfg.topics)
+                topics=cfg.topics, spread=cfg.quotes == "spread")
             if heldout:  # recall probes: the kept state must also know the folder's words (distill.HeldOut)
                 heldout = heldout + verbatim_conversations(
                     lm.tokenizer, sampler, max(4, verbatim_count(len(heldout), cfg.verbatim)), f"{cfg.seed}-probes", k=k)
