@@ -157,7 +157,7 @@ def test_training_keeps_the_best_heldout_state():
     h = result.heldout
     assert [step for step, _ in h["curve"]] == [0, 2, 4, 6, 8]
     assert h["nll_cartridge"] == min(nll for _, nll in h["curve"]) <= h["nll_init"]
-    scorer = HeldOut(lm, held, cfg, 8, lm.tokenizer.pad_token_id)
+    scorer = HeldOut(lm, held, cfg, 8)
     assert scorer.nll(peft_model) == pytest.approx(h["nll_cartridge"], abs=1e-4)  # the kept state is the best
     assert h["score"] == scorer.score(h["nll_cartridge"])
     saved = cartridge_embeddings(peft_model)

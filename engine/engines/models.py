@@ -118,6 +118,12 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def pad_id(self) -> int:
+        """What batches are padded with: the tokenizer's pad token, else its end of sequence."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
     def autocast(self):
         """A context manager for the forward passes: bf16 autocast where that is faster, else a no-op."""
         if self.autocast_dtype is None:

@@ -199,7 +199,7 @@ def _synthesize_torch(lm: LoadedModel, chunks: Iterable, n: int, *, seeds, k, te
                       max_answer_tokens, batch_size, on_progress, seed) -> Iterator[Conversation]:
     generator = torch.Generator(device=lm.device).manual_seed(seed)  # batched sampling: one stream per call
     tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = lm.pad_id
     stop = stop_ids(tok)
     produced = 0
     chunk_iter = enumerate(chunks)

@@ -388,13 +388,14 @@ class HeldOut:
     state to keep (`BestState`): a cartridge that learns the folder's words imitates the teacher's phrasing
     less, so the self-study NLL alone would throw that learning away."""
 
-    def __init__(self, lm: LoadedModel, conversations: list[Conversation], cfg: TrainConfig, p: int, pad_id: int):
+    def __init__(self, lm: LoadedModel, conversations: list[Conversation], cfg: TrainConfig, p: int):
         cfg = cfg.replace(loss_on="assistant")
         size = max(1, cfg.batch_size)
 
         def batches(kind: list[Conversation]) -> tuple[list, list[dict]]:
             examples = [e for c in kind if (e := _example(lm, c, cfg, p)) is not None]
-            return examples, [_collate(examples[i:i + size], pad_id, lm.device) for i in range(0, len(examples), size)]
+            return examples, [_collate(examples[i:i + size], lm.pad_id, lm.device)
+                              for i in range(0, len(examples), size)]
 
         examples, self.batches = batches([c for c in conversations if c.seed_type != "verbatim"])
         _, self.probe_batches = batches([c for c in conversations if c.seed_type == "verbatim"])
@@ -599,8 +600,8 @@ def distill(
     identity = _checkpoint_identity(cfg, peft_model, lm, len(examples))
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    tracker = BestState(HeldOut(lm, heldout, cfg, p, pad_id) if heldout else None)
+    pad_id = lm.pad_id
+    tracker = BestState(HeldOut(lm, heldout, cfg, p) if heldout else None)
     start, losses = (0, [])
     if resume and checkpoint_dir is not None:
         start, losses = load_checkpoint(checkpoint_dir, peft_model, optimizer, identity, tracker)

@@ -764,10 +764,9 @@ def _score_on(lm, folder: Path, questions: list, cfg: TrainConfig) -> float | No
     except UserError:
         return None
     p = int(embeddings.shape[0])
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     model = None
     try:
-        scored = HeldOut(lm, questions, cfg, p, pad_id)
+        scored = HeldOut(lm, questions, cfg, p)
         if not scored:
             return None
         model = create_cartridge_model(lm, p, embeddings=embeddings)
