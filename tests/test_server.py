@@ -191,3 +191,41 @@ def test_a_stop_does_not_wait_for_a_server_that_hangs(tmp_path):
         kill(process)
         client.close()
     assert made == [] and stop_at[0] < 30
+
+
+def test_ctrl_c_ends_train_at_once_on_a_server_that_hangs(tmp_path, cartridge_home):
+    """Ctrl-C during self-study on a frozen server: `train` says how to resume and exits at once, without
+    waiting for the requests in flight to time out (60 s each here), and the run is marked interrupted."""
+    from engine.store import registry
+
+    folder = tmp_path / "notes"
+    write(folder, "safety.md", TEXT)
+    assert run_cli("ingest", str(folder), env_home=cartridge_home).returncode == 0
+    url, process = start_server(tmp_path / "server-home")
+    env = {**os.environ, "CARTRIDGE_HOME": str(cartridge_home), "PYTHONPATH": str(ROOT)}
+    train = subprocess.Popen([sys.executable, "-m", "app.cli", "train", "notes", "--synthesis-server", url, "--tokens",
+                              "16", "--conversations", "40", "--chunk-tokens", "96", "--answer-tokens", "24",
+                              "--init", "spread", "--concurrency", "2", "--server-timeout", "60"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    db = registry.open_registry()
+    deadline = time.monotonic() + 300
+    made = 0
+    try:
+        while made < 2 and train.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            made = db.execute("select count(*) from run_metrics where phase = 'synthesis'").fetchone()[0]
+        freeze(process)
+        time.sleep(2)  # requests in flight on the frozen server
+        began = time.monotonic()
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=120)
+        waited = time.monotonic() - began
+    finally:
+        if train.poll() is None:
+            train.kill()
+        kill(process)
+    assert made >= 2 and train.returncode == 2, err
+    assert "training stopped" in err and "--resume" in err
+    assert waited < 30, f"train waited {waited:.0f} s for the frozen server after Ctrl-C"
+    run = registry.list_runs(db, registry.get_corpus(db, "notes")["id"])[-1]
+    assert run["status"] == "interrupted"

@@ -8,9 +8,10 @@ slot order and an interrupted run resumes after the last saved slot, as with the
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from itertools import islice
 
 from engine.engines.decoding import stop_ids
@@ -45,6 +46,21 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
                                        temperature=temperature, max_user_tokens=max_user_tokens,
                                        max_answer_tokens=max_answer_tokens)
 
+    def submit(item) -> Future:
+        """`one(item)` in a daemon thread of its own. A pool's threads are joined when the interpreter exits,
+        so after Ctrl-C the command would wait for the requests in flight to time out (minutes on a hung
+        server); daemon threads are left behind."""
+        future = Future()
+
+        def run():
+            try:
+                future.set_result(one(item))
+            except BaseException as error:  # handed to the thread that waits for it
+                future.set_exception(error)
+
+        threading.Thread(target=run, name="selfstudy-server", daemon=True).start()
+        return future
+
     def result(future):
         while True:
             try:
@@ -56,21 +72,17 @@ def synthesize_on_server(client: ServerClient, tokenizer, chunks: Iterable, n: i
     def attempts():
         """Results in chunk order, `concurrency` chunks in flight."""
         items = enumerate(chunks)
-        pending = deque(pool.submit(one, item) for item in islice(items, concurrency))
+        pending = deque(submit(item) for item in islice(items, concurrency))
         while pending:
             conversation = result(pending.popleft())
             if conversation is STOPPED:
                 return
             following = next(items, None)
             if following is not None:
-                pending.append(pool.submit(one, following))
+                pending.append(submit(following))
             yield conversation
 
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="selfstudy-server")
-    try:
-        yield from first_made(attempts(), n, on_progress)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    yield from first_made(attempts(), n, on_progress)
 
 
 STOPPED = object()
