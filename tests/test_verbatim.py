@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -53,7 +54,7 @@ def test_spread_quotes_cover_the_corpus_evenly_where_random_ones_leave_gaps(db):
     starts = [s.start for s in spread]
     assert starts == sorted(starts)  # one per stratum, in order
     stride = (sampler.n_tokens - length + 1) / n
-    assert all(i * stride <= s < (i + 1) * stride for i, s in enumerate(starts))
+    assert all(math.floor(i * stride) <= s < (i + 1) * stride for i, s in enumerate(starts))
     inner = slice(length, sampler.n_tokens - length)  # away from the ends, which fewer spans can reach
     assert covered(spread)[inner].min() >= 1  # no passage left out
     rng = random.Random(0)
@@ -64,6 +65,10 @@ def test_spread_quotes_cover_the_corpus_evenly_where_random_ones_leave_gaps(db):
     spans = sampler.stratified(12, length, random.Random(1), only)
     assert all(set(s.files) <= only and len(s.files) == 1 for s in spans)  # never past a file's end
     assert {s.files[0] for s in spans} == only  # both files drawn
+    lengths = {d.path: len(d.text) for d in documents if d.path in only}
+    share = lengths[documents[0].path] / sum(lengths.values())
+    first = sum(s.files[0] == documents[0].path for s in spans)
+    assert abs(first - 12 * share) <= 1  # each file in proportion to its length
     quotes = verbatim_conversations(tokenizer, sampler, 8, seed=2, k=5, spread=True)
     assert len(quotes) == 8
     assert [q.user for q in quotes] != [q.user for q in verbatim_conversations(tokenizer, sampler, 8, seed=2, k=5)]

@@ -99,29 +99,31 @@ class ChunkSampler:
         return self.span(start, min(n_tokens, hi - start))
 
     def stratified(self, count: int, n_tokens: int, rng: random.Random,
-               only_files: set[str] | None = None) -> list[Chunk]:
-        """`count` spans whose starts are stratified: the possible starts (in `only_files` only, end to end,
-        when given) are cut into `count` equal strata and each span starts at a random place in its own, so
-        every part of the text is drawn about equally often. Independent random starts leave some passages
-        undrawn and draw others many times."""
+                   only_files: set[str] | None = None) -> list[Chunk]:
+        """`count` spans drawn as `sample` draws them, but stratified: the corpus (or `only_files`, end to end,
+        each as long as its tokens, as `sample` weighs them) is cut into `count` equal strata and each span
+        starts at a random place of its own, so every part of the text is drawn about equally often.
+        Independent random starts leave some passages undrawn and draw others many times."""
         paths = None if only_files is None else {d.path for d in self.documents} & set(only_files)
         if paths is not None and not paths:
             raise ValueError("none of the requested files is in this corpus")
-        ranges = []  # (first token, end token, number of starts) of each file, or of the whole corpus
+        ranges = []  # (first token, end token, share of the strata, number of starts)
         if paths is None:
-            ranges.append((0, self.n_tokens, max(1, self.n_tokens - n_tokens + 1)))
+            starts = max(1, self.n_tokens - n_tokens + 1)
+            ranges.append((0, self.n_tokens, starts, starts))
         else:
             for i, doc in enumerate(self.documents):
                 if doc.path in paths:
                     lo, hi = self.token_starts[i], self.token_starts[i + 1]
-                    ranges.append((lo, hi, max(1, hi - lo - n_tokens + 1)))
-        ends = np.cumsum([starts for _, _, starts in ranges])
+                    ranges.append((lo, hi, hi - lo, max(1, hi - lo - n_tokens + 1)))
+        ends = np.cumsum([share for _, _, share, _ in ranges])
+        total = int(ends[-1])
         spans = []
         for i in range(count):
-            x = min(int(ends[-1]) - 1, int((i + rng.random()) * int(ends[-1]) / count))
+            x = min(total - 1, int((i + rng.random()) * total / count))
             r = int(np.searchsorted(ends, x, side="right"))
-            lo, hi, starts = ranges[r]
-            start = lo + x - (int(ends[r]) - starts)
+            lo, hi, share, starts = ranges[r]
+            start = lo + (x - (int(ends[r]) - share)) * starts // share
             spans.append(self.span(start, min(n_tokens, hi - start)))
         return spans
 

@@ -67,12 +67,14 @@ def verbatim_conversations(tokenizer, sampler, n: int, seed: int | str, *, k: in
         made += topic_conversations(tokenizer, sampler, n_topics, seed, k=k, only_files=only_files)
     rng = random.Random(f"verbatim-{seed}")
     stop = turn_end_id(tokenizer)  # where the teacher's own answers end
-    # passages too short to quote are replaced by random ones
+    # the planned passages first; random ones once they are used up (some are too short to quote)
     planned = iter(sampler.stratified(n - len(made), ANSWER_TOKENS + 40, rng, only_files) if spread else ())
     for _attempt in range(4 * n):
         if len(made) >= n:
             break
-        chunk = next(planned, None) or sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
+        chunk = next(planned, None)
+        if chunk is None:
+            chunk = sampler.sample(ANSWER_TOKENS + 40, rng, only_files)
         words = " ".join(line for line in chunk.text.splitlines() if not line.startswith("### File:")).split()
         if len(words) < OPENING_WORDS + 8:
             continue  # a passage too short to quote
