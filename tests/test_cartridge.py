@@ -141,6 +141,21 @@ def test_refuses_wrong_shape(tmp_path):
         load_cartridge(folder, lm)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
+def test_refuses_values_a_kv_cache_cannot_hold(tmp_path, value):
+    """NaN, infinite, or finite but past float16's range, where llama.cpp's KV cache would make it infinite."""
+    lm = shared_tiny_lm()
+    folder = tmp_path / "cart"
+    weights = torch.zeros(4, kv_width(lm))
+    weights[2, 3] = value
+    save_cartridge(weights, peft_config_for(4), folder, _meta(lm))
+    with pytest.raises(CartridgeMismatch, match="training diverged"):
+        load_cartridge(folder, lm)
+    weights[2, 3] = 60000.0  # large but within float16's range: a cartridge like any other
+    save_cartridge(weights, peft_config_for(4), folder, _meta(lm))
+    assert load_cartridge(folder, lm).embeddings[2, 3] == 60000.0
+
+
 @pytest.mark.parametrize("damage", ["missing", "empty", "no_meta", "bad_json", "corrupt_weights", "foreign_json",
                                     "p_null", "p_text"])
 def test_refuses_corrupt_or_foreign_folder(tmp_path, damage):

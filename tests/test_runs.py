@@ -215,6 +215,7 @@ def test_a_diverged_retrain_is_not_saved_and_the_serving_cartridge_stays(tmp_pat
     assert run_cli("train", "notes", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
     db = registry.open_registry()
     before = registry.get_version(db, registry.get_corpus(db, "notes"), 1)
+    # the weights leave float16's range, which llama.cpp's KV cache holds, whether or not the loss overflows
     proc = run_cli("train", "notes", *TINY_TRAIN, "--lr", "1e36", env_home=cartridge_home)
     assert proc.returncode != 0 and "training diverged" in proc.stderr and "Traceback" not in proc.stderr
     after = registry.get_version(db, registry.get_corpus(db, "notes"), 1)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import CartridgeMismatch, UserError
-from engine.cartridge.metadata import METADATA, cartridge_p
+from engine.cartridge.metadata import KV_VALUE_LIMIT, METADATA, cartridge_p
 from engine.engines.models import LoadedModel, chat_ids
 
 FORMAT = "cartridge-desktop/1"
@@ -138,6 +138,13 @@ def create_cartridge_model(lm: LoadedModel, p: int, init_text: str | None = None
     return peft_model
 
 
+def out_of_range(embeddings) -> bool:
+    """True when the KV holds NaN, infinite values, or values beyond float16's range (a diverged training
+    run: a cartridge's keys and values are of the size of the model's own, a few hundred at most)."""
+    values = torch.as_tensor(embeddings)
+    return not bool(torch.isfinite(values).all()) or float(values.abs().max()) > KV_VALUE_LIMIT
+
+
 def cartridge_embeddings(peft_model) -> torch.Tensor:
     """The full [p, hidden] tensor: frozen sink + trainable tokens (the trainable parameter alone lacks the sink)."""
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
@@ -239,8 +246,9 @@ def load_cartridge(folder: Path, lm: LoadedModel) -> Cartridge:
         raise CartridgeMismatch(
             f"cartridge {folder.name} has shape {tuple(embeddings.shape)}, expected {want} for this model"
         )
-    if not torch.isfinite(embeddings).all():
-        raise CartridgeMismatch(f"cartridge {folder.name} holds NaN or infinite values (training diverged): retrain it")
+    if out_of_range(embeddings):
+        raise CartridgeMismatch(f"cartridge {folder.name} holds NaN or infinite values, or values too large for a "
+                                "KV cache (training diverged): retrain it")
     return Cartridge(embeddings=embeddings.float().cpu(), meta=meta, folder=folder)
 
 

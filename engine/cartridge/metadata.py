@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 METADATA = "cartridge.json"
+# llama.cpp keeps the KV cache in float16, where a larger value would become infinite: the bound on a
+# cartridge's values, checked where it is saved, loaded and written into llama.cpp.
+KV_VALUE_LIMIT = 65504.0
 
 
 def read_metadata(folder: str | Path | None) -> dict:

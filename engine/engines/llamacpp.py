@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cartridge.metadata import KV_VALUE_LIMIT
 from engine.engines.decoding import accept, stack_topk
 from engine.errors import CartridgeMismatch, UserError
 
@@ -213,8 +214,8 @@ def encode_state(embeddings, layout: KVLayout, *, seq_id: int = 0, start_pos: in
             f"{layout.width} ({layout.n_layer} layers x 2 x {layout.n_kv_heads} heads x {layout.head_dim})"
         )
     p = emb.shape[0]
-    if not np.isfinite(emb).all():
-        raise CartridgeMismatch("the cartridge holds NaN or infinite values")
+    if not np.isfinite(emb).all() or np.abs(emb).max() > KV_VALUE_LIMIT:  # float16 cells below
+        raise CartridgeMismatch("the cartridge holds NaN or infinite values, or values too large for a KV cache")
     kv = emb.reshape(p, layout.n_layer, 2, layout.n_kv_heads, layout.head_dim)
     keys = kv[:, :, 0][..., hf_to_gguf_order(layout.head_dim)]  # [p, L, H, D] in GGUF order
     values = kv[:, :, 1]  # [p, L, H, D]

@@ -494,8 +494,8 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
     than the serving cartridge's on the same held-out questions is kept, ready, but not made current; an
     event says why.
     """
-    from engine.cartridge.format import (cartridge_embeddings, create_cartridge_model, init_embeddings, peft_config_for,
-                                  save_cartridge)
+    from engine.cartridge.format import (cartridge_embeddings, create_cartridge_model, init_embeddings, out_of_range,
+                                  peft_config_for, save_cartridge)
     from engine.engines.models import load_model
     from engine.training.distill import distill
 
@@ -661,9 +661,9 @@ def train(db, corpus_name: str, *, version: int | None = None, preset: str = "qu
         target = cartridges_dir() / corpus["uid"] / f"v{row['number']}-run{run_id}"
         previous = db["versions"].get(row["id"])["cartridge"]
         weights = cartridge_embeddings(peft_model)
-        if not bool(weights.isfinite().all()):  # without held-out conversations nothing else would catch it
-            raise UserError("training diverged: the cartridge holds NaN or infinite values, so it was not saved "
-                            "(try a smaller --lr)")
+        if out_of_range(weights):  # without held-out conversations nothing else would catch it
+            raise UserError("training diverged: the cartridge holds NaN or infinite values, or values too large "
+                            "for a KV cache, so it was not saved (try a smaller --lr)")
         save_cartridge(weights, peft_config_for(cfg.p), target, {
             "base_model": lm.spec, "fingerprint": lm.fingerprint, "p": cfg.p, "n_layers": lm.n_layers,
             "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "corpus": corpus["name"],
