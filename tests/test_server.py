@@ -191,4 +191,3 @@ def test_a_stop_does_not_wait_for_a_server_that_hangs(tmp_path):
         kill(process)
         client.close()
     assert made == [] and stop_at[0] < 30
-
