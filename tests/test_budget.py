@@ -25,6 +25,9 @@ def test_conversations_scale_with_the_corpus_between_floor_and_cap():
             make_config("quick", **bad)
     with pytest.raises(UserError, match="learning rate must be positive"):
         make_config("quick", lr=0.0)
+    assert make_config("quick").quotes == "random" and make_config("quick", quotes="spread").quotes == "spread"
+    with pytest.raises(UserError, match="unknown quotes 'even'"):
+        make_config("quick", quotes="even")
     standard = make_config("standard")
     assert standard.conversations_for(2_000_000) == standard.max_conversations > standard.conversations_for(100_000)
 
