@@ -87,6 +87,52 @@ def test_a_corpus_beyond_the_context_skips_icl_and_reports_the_rest(tmp_path, ca
     assert proc.stderr.count("\n") == 1
 
 
+class Template:
+    """The bundled tokenizer rendering another chat template."""
+
+    def __init__(self, template: str):
+        self.template, self.tokenizer = template, load_tokenizer(None)
+
+    def apply_chat_template(self, messages, tokenize=False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template, **kwargs)
+
+
+def test_passages_after_a_cartridge_keep_the_system_turn_it_was_trained_behind():
+    """Training puts the template's default system turn right behind the cartridge, so cartridge+rag keeps that turn
+    first and adds the passages' turn after it; rag alone has the passages' turn only. Templates without a default
+    system turn, or that refuse a second one, get the passages' turn alone."""
+    from engine.engines.models import default_system_prompt, passages_messages
+
+    tok = load_tokenizer(None)
+    question = [{"role": "user", "content": "Where is the dinghy moored?"}]
+    render = lambda t, messages: t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    trained = render(tok, question)  # what training puts behind the cartridge
+    opening = trained[: trained.index("<|im_start|>user")]
+    assert default_system_prompt(tok) in opening and "SmolLM" in opening
+
+    old_system = [{"role": "system", "content": "an earlier system turn"}]
+    after = render(tok, passages_messages(tok, "PIER NOTES", old_system + question, after_cartridge=True))
+    assert after.startswith(opening) and after.endswith(trained[len(opening):])
+    assert after[len(opening):].startswith("<|im_start|>system\nPIER NOTES<|im_end|>")
+    alone = render(tok, passages_messages(tok, "PIER NOTES", old_system + question, after_cartridge=False))
+    assert alone == "<|im_start|>system\nPIER NOTES<|im_end|>\n" + trained[len(opening):]
+    assert "earlier" not in after + alone
+
+    turns = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    no_default = Template(turns)
+    refuses_second = Template("{% if messages[0]['role'] != 'system' %}<system>Be brief.</system>{% endif %}"
+                              "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                              "{{ raise_exception('one system turn only') }}{% endif %}"
+                              "<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}")
+    no_system = Template("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    assert default_system_prompt(no_default) is None and default_system_prompt(no_system) is None
+    assert default_system_prompt(refuses_second) == "Be brief."
+    passages_only = [{"role": "system", "content": "PIER NOTES"}] + question
+    for template in (no_default, refuses_second, no_system):
+        assert passages_messages(template, "PIER NOTES", question, after_cartridge=True) == passages_only
+
+
 def test_training_with_retrieved_passages_uses_its_own_folder_only(tmp_path, db):
     """cartridge+rag trains with the passages chat would add: a seeded share of the conversations gets them in
     the student's prompt, found in the run's own version only (never another folder's text)."""
@@ -119,6 +165,8 @@ def test_training_with_retrieved_passages_uses_its_own_folder_only(tmp_path, db)
     plain, rag = _example(lm, convs[0], cfg, cfg.p), _example(lm, with_context[0], cfg, cfg.p)
     assert len(rag.ids) > len(plain.ids) + 20 and rag.ids[-2:] == plain.ids[-2:] == [11, 12]
     assert [rag.ids[i + 1] for i in rag.positions[:-1]] == [11, 12]  # the answer is still what is supervised
+    student = tokenizer.decode(rag.ids)  # the passages come after the system turn chat keeps behind the cartridge
+    assert student.index("SmolLM") < student.index("pontoon C") < student.index("Where is the dinghy")
 
     trained = pipeline.train(db, "club", p=16, conversations=8, steps=None, epochs=1.0, batch_size=2, chunk_tokens=96,
                              max_answer_tokens=16, max_user_tokens=48, init="spread", heldout=0.0, rag=0.5)

@@ -24,7 +24,7 @@ from engine.corpus.chunks import ChunkSampler, assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, EVAL_ANSWER_TOKENS, Decoding, LoopGuard, contains_all, stop_ids
 from engine.errors import UserError
 from engine.serve.inference import RAG_MODES
-from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model, passages_messages
 
 EVAL_MODES = ("none", "icl", "init", "cartridge", "rag", "cartridge+rag")
 NEEDS_CARTRIDGE = ("init", "cartridge", "cartridge+rag")
@@ -70,6 +70,7 @@ class Scorer:
     def __init__(self, engine, tokenizer, *, embeddings: torch.Tensor | None = None, system: str | None = None,
                  context: Callable[[str], str] | None = None):
         self.engine, self.tokenizer, self.system, self.context = engine, tokenizer, system, context
+        self.after_cartridge = embeddings is not None
         self.skip = 0  # leading prompt tokens already held by the prefix
         self.system_ids: list[int] = []
         if system is not None:
@@ -80,8 +81,10 @@ class Scorer:
 
     def messages(self, question: str) -> list[dict]:
         """The prompt: a fixed system prompt (icl), one made for the question (`context`: rag), or none."""
-        system = self.context(question) if self.context is not None else self.system
-        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        user = [{"role": "user", "content": question}]
+        if self.context is not None:
+            return passages_messages(self.tokenizer, self.context(question), user, after_cartridge=self.after_cartridge)
+        return ([{"role": "system", "content": self.system}] if self.system else []) + user
 
     def nll(self, question: str, answer: str) -> float:
         messages = self.messages(question)

@@ -18,7 +18,7 @@ from engine.cartridge.metadata import read_metadata
 from engine.corpus.chunks import assemble, version_documents
 from engine.engines.decoding import DEFAULT_DECODING, LoopGuard, stop_ids
 from engine.errors import UserError
-from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model
+from engine.engines.models import LoadedModel, chat_ids, context_system_prompt, load_model, passages_messages
 
 MODES = ("cartridge", "icl", "none", "rag", "cartridge+rag")
 CARTRIDGE_MODES = ("cartridge", "cartridge+rag")
@@ -152,8 +152,8 @@ class Chat:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.target.mode in RAG_MODES:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            messages = [{"role": "system", "content": self.retrieve(question)}] + [
-                m for m in messages if m["role"] != "system"]
+            messages = passages_messages(self.tokenizer, self.retrieve(question), messages,
+                                         after_cartridge=self.target.mode in CARTRIDGE_MODES)
         elif self.system is not None:
             messages = [{"role": "system", "content": self.system}] + [m for m in messages if m["role"] != "system"]
         return chat_ids(self.tokenizer, messages, add_generation_prompt=True)

@@ -23,7 +23,7 @@ import torch
 from engine.selfstudy.conversations import Conversation
 from engine.selfstudy.verbatim import verbatim_count
 from engine.errors import UserError
-from engine.engines.models import LoadedModel, chat_ids
+from engine.engines.models import LoadedModel, chat_ids, passages_messages
 
 LOSS_ON = ("assistant", "all")
 TEACHERS = ("corpus", "chunk")
@@ -186,10 +186,11 @@ class _Example:
     targets: list[int] = field(default_factory=list)  # the teacher's answer token at each of `positions`
 
 
-def _student_messages(conv: Conversation) -> list[dict]:
-    """The student's prompt: the user turn, after the conversation's retrieved passages if it has them."""
-    system = [{"role": "system", "content": conv.context}] if conv.context else []
-    return system + [{"role": "user", "content": conv.user}]
+def _student_messages(tokenizer, conv: Conversation) -> list[dict]:
+    """The student's prompt: the user turn, after the conversation's retrieved passages if it has them (laid out
+    as chat's cartridge+rag lays them out after the cartridge)."""
+    user = [{"role": "user", "content": conv.user}]
+    return passages_messages(tokenizer, conv.context, user, after_cartridge=True) if conv.context else user
 
 
 def _user_positions(tokenizer, conv: Conversation, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -199,7 +200,7 @@ def _user_positions(tokenizer, conv: Conversation, prompt_ids: list[int]) -> tup
     loss_on="all" trains those tokens with plain cross-entropy on the sampled words.
     """
     user = conv.user
-    text = tokenizer.apply_chat_template(_student_messages(conv), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(_student_messages(tokenizer, conv), tokenize=False, add_generation_prompt=True)
     start = text.rfind(user)
     if not user or start < 0:
         return [], []
@@ -213,7 +214,7 @@ def _user_positions(tokenizer, conv: Conversation, prompt_ids: list[int]) -> tup
 
 
 def _example(lm: LoadedModel, conv: Conversation, cfg: TrainConfig, p: int) -> _Example | None:
-    prompt = chat_ids(lm.tokenizer, _student_messages(conv), add_generation_prompt=True)
+    prompt = chat_ids(lm.tokenizer, _student_messages(lm.tokenizer, conv), add_generation_prompt=True)
     # max_tokens caps the conversation itself; retrieved passages come on top, within the model's positions.
     extra = len(prompt) - len(chat_ids(lm.tokenizer, [{"role": "user", "content": conv.user}], True)) if conv.context else 0
     limit = min(cfg.max_tokens + extra, lm.max_positions - p)
