@@ -133,6 +133,40 @@ def test_passages_after_a_cartridge_keep_the_system_turn_it_was_trained_behind()
         assert passages_messages(template, "PIER NOTES", question, after_cartridge=True) == passages_only
 
 
+def test_chat_and_eval_put_the_passages_after_a_cartridge_as_training_does(tmp_path, db):
+    """The wiring of the layout above: chat's and eval's cartridge+rag prompts keep the default system turn before
+    the passages; their rag prompts do not."""
+    from dataclasses import replace
+
+    import torch
+
+    from engine.cartridge.format import kv_width
+    from engine.engines.models import load_model
+    from engine.engines.torch_engine import TorchEngine
+    from engine.serve.evaluate import Scorer
+    from engine.serve.inference import Chat, resolve
+
+    root = tmp_path / "club"
+    write(root, "boats.md", BOATS)
+    ingest(root, db=db)
+    lm = load_model(None, "cpu")
+    engine = TorchEngine(lm)
+    question = "Where is the dinghy moored?"
+    rag = resolve(db, ["club"], mode="rag", rag_tokens=120)
+    for mode, after_cartridge in (("rag", False), ("cartridge+rag", True)):
+        chat = Chat(db, replace(rag, mode=mode), engine, lm.tokenizer)
+        prompt = lm.tokenizer.decode(chat.prompt_ids([{"role": "user", "content": question}]))
+        assert "pontoon C" in prompt and ("SmolLM" in prompt) == after_cartridge
+        if after_cartridge:
+            assert prompt.index("SmolLM") < prompt.index("pontoon C") < prompt.index(question)
+
+    context = lambda q: "PIER NOTES"  # noqa: E731
+    alone = Scorer(engine, lm.tokenizer, context=context).messages(question)
+    after = Scorer(engine, lm.tokenizer, context=context, embeddings=torch.zeros(4, kv_width(lm))).messages(question)
+    assert [m["content"] for m in alone] == ["PIER NOTES", question]
+    assert "SmolLM" in after[0]["content"] and [m["content"] for m in after[1:]] == ["PIER NOTES", question]
+
+
 def test_training_with_retrieved_passages_uses_its_own_folder_only(tmp_path, db):
     """cartridge+rag trains with the passages chat would add: a seeded share of the conversations gets them in
     the student's prompt, found in the run's own version only (never another folder's text)."""
