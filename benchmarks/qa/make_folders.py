@@ -2,7 +2,7 @@
 
     python benchmarks/qa/make_folders.py DEST
 
-Writes DEST/semver, DEST/fts4, DEST/pysocks, DEST/diskcache, DEST/psutil and DEST/termdocs. A README is the long
+Writes DEST/semver, DEST/fts4, DEST/pysocks, DEST/diskcache, DEST/psutil, DEST/orjson and DEST/termdocs. A README is the long
 description in the wheel's METADATA (everything after the first blank line).
 """
 
@@ -32,7 +32,9 @@ def main(argv: list[str]) -> int:
         "pysocks": {"README.md": long_description("PySocks")},
         "diskcache": {"README.rst": long_description("diskcache")},
         "psutil": {"README.rst": long_description("psutil")},
-        # Beyond the model's context (~29k tokens): the docs of two terminal-output libraries.
+        # Beyond the model's context: a JSON library's README (~14k tokens) and the docs of two
+        # terminal-output libraries (~29k tokens).
+        "orjson": {"README.md": long_description("orjson")},
         "termdocs": {"tqdm.rst": long_description("tqdm"), "tabulate.md": long_description("tabulate")},
     }
     for name, files in folders.items():
