@@ -2,8 +2,8 @@
 
     python benchmarks/qa/make_folders.py DEST
 
-Writes DEST/semver, DEST/fts4, DEST/pysocks, DEST/diskcache, DEST/psutil, DEST/orjson and DEST/termdocs. A README is the long
-description in the wheel's METADATA (everything after the first blank line).
+Writes DEST/semver, DEST/fts4, DEST/pysocks, DEST/diskcache, DEST/psutil, DEST/orjson and DEST/termdocs.
+A README is the long description in the wheel's METADATA (everything after the first blank line).
 """
 
 from __future__ import annotations
