@@ -105,11 +105,12 @@ def test_bench_bigfolder(tmp_path, cartridge_home):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join((ASSETS / "sample_qa.jsonl").read_text().splitlines()[:2]) + "\n")
     doc = run_benchmark("bench_bigfolder.py", str(folder), "--qa", str(qa), "--setting",
-                        "p=16 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16 init=spread",
+                        "p=48 conversations=4 steps=2 chunk_tokens=96 batch_size=2 max_answer_tokens=16 init=spread",
                         "--home", str(tmp_path / "bench-home"), home=cartridge_home)
-    assert doc["corpus_tokens"] > 8192 and doc["p"] == 16 and doc["questions"] == 2
-    assert list(doc["modes"]) == ["none", "rag", "init", "cartridge", "cartridge+rag"]
+    assert doc["corpus_tokens"] > 8192 and doc["p"] == 48 and doc["questions"] == 2
+    assert list(doc["modes"]) == ["none", "rag", "init", "cartridge", "cartridge+rag", "rag 2p"]
     for m in doc["modes"].values():
         assert math.isfinite(m["nll"]) and 0 <= m["accuracy"] <= 1 and m["kv_bytes"] > 0 and m["ttft_s"] > 0
     assert doc["modes"]["none"]["kv_bytes"] < doc["modes"]["cartridge"]["kv_bytes"]
-    assert set(doc["targets"]) == {"cartridge+rag beats rag", "cartridge beats none"}
+    assert doc["modes"]["rag"]["kv_bytes"] < doc["modes"]["rag 2p"]["kv_bytes"]  # twice the retrieved tokens
+    assert set(doc["targets"]) == {"cartridge+rag beats rag", "cartridge+rag beats rag 2p", "cartridge beats none"}
