@@ -68,12 +68,13 @@ def test_every_file_is_studied_when_the_count_allows():
 
 def test_p_grows_with_the_corpus_and_keeps_the_kv_small():
     quick = make_config("quick")
-    sizes = (600, 2_000, 2_500, 4_000, 5_000, 8_000, 28_000)
+    sizes = (600, 2_000, 2_500, 4_000, 5_000, 7_000, 8_000, 28_000)
     ps = [quick.p_for(tokens) for tokens in sizes]
-    assert ps == [128, 448, 512, 512, 576, 960, 1024]
+    # the last two do not fit the 8,192-position context: half the cap, the other half left to retrieval
+    assert ps == [128, 448, 512, 512, 576, 832, 512, 512]
     for tokens, p in zip(sizes[1:], ps[1:]):  # at least 4x smaller than the folder, 8x past 4k tokens
         assert tokens / p >= (8 if tokens > 4_000 else 4)
-    assert ps == sorted(ps)
+    assert ps[:6] == sorted(ps[:6])
     assert make_config("quick", p=300).p_for(28_000) == 300  # an explicit p stays
 
 

@@ -23,6 +23,7 @@ import torch
 from engine.selfstudy.conversations import Conversation
 from engine.selfstudy.verbatim import verbatim_count
 from engine.errors import UserError
+from engine.store.library import icl_fits
 from engine.engines.models import LoadedModel, chat_ids, passages_messages
 
 LOSS_ON = ("assistant", "all")
@@ -36,6 +37,9 @@ QUOTES = ("random", "spread")
 class TrainConfig:
     p: int = 128  # virtual tokens in the cartridge (the floor when scaled, see `p_for`)
     max_p: int = 0  # > 0: p grows with the corpus up to this cap
+    # > 0 (with max_p): the cap for a folder beyond the default model's context instead. Such a folder is
+    # chatted with beside retrieval (cartridge+rag), whose passages take as much KV memory again.
+    max_p_beyond_context: int = 0
     conversations: int = 120  # self-study conversations to synthesize (the floor when scaled, see below)
     conversations_per_ktok: float = 0.0  # > 0: scale the count with the corpus, per 1,000 corpus tokens ...
     max_conversations: int = 0  # ... up to this cap
@@ -88,11 +92,14 @@ class TrainConfig:
         an eighth beyond (so its KV stays at least 4x smaller than the folder's, 8x past 4k tokens), in steps
         of 64, between p and max_p. The cartridge starts as excerpts of the corpus, so a larger p starts
         closer to the folder in context: measured on the sample, 29% of icl's NLL gain untrained at p=256,
-        39% at 576 (spread excerpts)."""
+        39% at 576 (spread excerpts). A folder beyond the context is capped at `max_p_beyond_context`."""
         if self.max_p <= 0:
             return self.p
+        cap = self.max_p
+        if self.max_p_beyond_context > 0 and not icl_fits(corpus_tokens):
+            cap = min(cap, self.max_p_beyond_context)
         scaled = int(min(corpus_tokens / 4, max(corpus_tokens / 8, 512))) // 64 * 64
-        return max(self.p, min(scaled, self.max_p))
+        return max(self.p, min(scaled, cap))
 
     def train_examples(self, n_selfstudy: int) -> int:
         """What one pass trains on: the self-study conversations left after the held-out split, plus the
@@ -127,7 +134,9 @@ class TrainConfig:
 # seeds 0 and 1) and recovers more of icl's NLL gain on untuned folders (81.3% against 74.7% over four; see the
 # README). Held-out scoring every 32 steps rather than 12 (each scoring costs about 6 s of a 2-core CPU): scored every
 # 12, quick's runs kept their last state; on the sample at seed 0, every 32 keeps step 128 of 129 and is ready in
-# 10.0 minutes instead of 10.6.
+# 10.0 minutes instead of 10.6. A folder beyond the context gets p=512 rather than 1,024, so that cartridge+rag
+# holds the KV memory of the larger cartridge alone: on orjson's README (13.6k tokens, same conversations) p=512
+# answered 8 of 20 with retrieval against 7 at p=1,024 (rag alone at 1,024 tokens: 5), see the README.
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
 # is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
@@ -136,7 +145,7 @@ PRESETS: dict[str, TrainConfig] = {
     # know little of the folder.
     "demo": TrainConfig(p=64, conversations=16, steps=None, epochs=1.0, batch_size=2, chunk_tokens=256,
                         checkpoint_every=4, max_answer_tokens=64, max_user_tokens=48, eval_every=4),
-    "quick": TrainConfig(p=128, max_p=1024, conversations=48, conversations_per_ktok=8, max_conversations=256, steps=None,
+    "quick": TrainConfig(p=128, max_p=1024, max_p_beyond_context=512, conversations=48, conversations_per_ktok=8, max_conversations=256, steps=None,
                          epochs=3.0, batch_size=4, chunk_tokens=512, checkpoint_every=10, max_answer_tokens=128,
                          max_user_tokens=64, init="attention", lr=2e-2, lr_schedule="cosine", verbatim=3.0,
                          eval_every=32),
