@@ -44,9 +44,9 @@ def preset_note(preset: str) -> str:
     steps = f"{cfg.steps} steps" if cfg.steps else f"{passes} over the conversations"
     scaled = (f" ({cfg.conversations_per_ktok:g} per 1,000 corpus tokens, up to {cfg.max_conversations:,}, unless you "
               "set the number below)" if cfg.conversations_per_ktok > 0 else "")
-    beyond = (f", {cfg.max_p_beyond_context} for a folder beyond the model's context, chatted with beside retrieval"
-              if cfg.max_p_beyond_context else "")
-    size = (f" (a quarter of the folder's tokens up to 512, an eighth beyond{beyond}, unless you set p below)"
+    longer = (f"; {cfg.max_p_beyond_context} for a folder longer than the model's context, which is chatted with "
+              "beside retrieval" if cfg.max_p_beyond_context else "")
+    size = (f" (a quarter of the folder's tokens up to 512 and an eighth past that{longer}; or the p you set below)"
             if cfg.max_p > cfg.p else "")
     return (f"**{preset}**: a cartridge of **p = {p_range(cfg)}** virtual tokens{size}, trained on at least **{cfg.conversations:,}** "
             f"self-study conversations{scaled} over chunks of {cfg.chunk_tokens} tokens, batch {cfg.batch_size}, "
