@@ -69,16 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     result["modes"][WIDE] = wide["modes"]["rag"]
     modes = {m: {k: result["modes"][m].get(k) for k in ("nll", "accuracy", "kv_bytes", "ttft_s")}
              for m in (*MODES, WIDE) if m in result["modes"]}
-    acc = {m: modes[m]["accuracy"] or 0.0 for m in modes}
-    nll = {m: modes[m]["nll"] for m in modes}
+    def beats(a: str, b: str) -> bool:  # more answers right, then a lower NLL
+        return ((modes[a]["accuracy"] or 0.0), -modes[a]["nll"]) > ((modes[b]["accuracy"] or 0.0), -modes[b]["nll"])
+
     doc = {"folder": str(Path(args.folder).resolve()), "qa": args.qa, "questions": result["questions"], "engine": result["engine"],
            "corpus_tokens": tokens, "preset": args.preset, "overrides": overrides, "p": outcome.tokens,
            "conversations": outcome.conversations, "steps": outcome.steps, "train_minutes": round(minutes, 1),
            "heldout": outcome.heldout["score"] if outcome.heldout else None, "modes": modes,
            "skipped": result.get("skipped", {}),
-           "targets": {"cartridge+rag beats rag": (acc["cartridge+rag"], -nll["cartridge+rag"]) > (acc["rag"], -nll["rag"]),
-                       f"cartridge+rag beats {WIDE}": (acc["cartridge+rag"], -nll["cartridge+rag"]) > (acc[WIDE], -nll[WIDE]),
-                       "cartridge beats none": (acc["cartridge"], -nll["cartridge"]) > (acc["none"], -nll["none"])}}
+           "targets": {f"{a} beats {b}": beats(a, b)
+                       for a, b in (("cartridge+rag", "rag"), ("cartridge+rag", WIDE), ("cartridge", "none"))}}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
