@@ -345,12 +345,13 @@ class Plan:
 # step at p=576 (held-out scoring included) ~1.8 s with fp32 matmuls and ~0.75 s with bf16 ones (CPUs with
 # AVX512-BF16 or AMX, see engine.engines.models; 0.74 s measured at p=1,024 scaled to 576); reading the sample's 5,000
 # tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
-# the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s. It grows
+# the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s, and
+# ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s before, on another CPU). It grows
 # with the square of the length.
 # Used for the estimate shown before a run.
 CPU_SYNTHESIS_S = {"chunk": 1.7, "conversation": 1.8}
 CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.75}
-CPU_ATTENTION_INIT_S = {"fp32": 95.0, "bf16": 40.0}
+CPU_ATTENTION_INIT_S = {"fp32": 95.0, "bf16": 22.0}
 
 
 def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) -> str:
