@@ -346,7 +346,7 @@ class Plan:
 # AVX512-BF16 or AMX, see engine.engines.models; 0.74 s measured at p=1,024 scaled to 576); reading the sample's 5,000
 # tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
 # the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s, and
-# ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s before, on another CPU). It grows
+# ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s in fp32 on that CPU). It grows
 # with the square of the length.
 # Used for the estimate shown before a run.
 CPU_SYNTHESIS_S = {"chunk": 1.7, "conversation": 1.8}
