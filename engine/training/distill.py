@@ -139,8 +139,8 @@ class TrainConfig:
 # answered 8 of 20 with retrieval against 7 at p=1,024 (rag alone at 1,024 tokens: 5), see the README.
 # Batches of 2 rather than 4 (the same examples in twice the steps; held-out scoring every 64 steps, as often as
 # before): on the sample 84.6% of icl's NLL gain over three seeds against 80.6% (26 of 108 answers right against
-# 28), on four untouched folders 82.2% against 80.1% (26 of 100 right against 23); see the README. On a 2-core
-# CPU with AMX the training takes 9-17% longer on the sample and 46-72% longer on those folders.
+# 28), on four untouched folders 82.2% against 80.1% (26 of 100 right against 23); see the README. Timed side by
+# side on a 2-core CPU, a step of 2 takes half a step of 4, though whole runs took 9-72% longer (see the README).
 # standard / thorough: GPU budgets closer to the paper (which used tens of thousands of conversations).
 # The count grows with the corpus (per 1,000 tokens) between the floor and the cap, so that a big folder
 # is studied as thoroughly as a small one until the cap; an explicit count (--conversations) is used as is.
