@@ -36,7 +36,7 @@ def test_the_plan_states_counts_and_cost_before_training():
     quick = make_config("quick")
     line = plan_message(Plan("full", 256), quick, 28_000, "cpu")
     assert line.startswith("plan: 256 self-study conversations (8 per 1k of 28,000 tokens, floor 48, cap 256)")
-    assert f"training steps of {quick.batch_size}" in line and "min on a 2-core CPU" in line
+    assert "1380 training steps of 2" in line and "min on a 2-core CPU" in line
     assert "min" not in plan_message(Plan("full", 256), quick, 28_000, "cuda")
     inc = plan_message(Plan("incremental", 30, 1, 24, 6, ["a.md"]), quick, 28_000, "cpu")
     assert "incremental from v1: 24 conversations reused, 6 new about 1 changed file(s)" in inc
