@@ -101,3 +101,12 @@ def test_an_incremental_retrain_keeps_a_nearby_p(db, tmp_path):
     assert choose_p(db, corpus, second, quick, incremental=False) == quick.p_for(second["tokens"])
     (cartridge / "cartridge.json").write_text('{"p": 128}')  # too far from this size: the size's own p
     assert choose_p(db, corpus, second, quick) == quick.p_for(second["tokens"])
+
+
+def test_a_small_edit_gets_a_few_new_conversations_whatever_the_batch_size():
+    from engine.training.pipeline import _replay_count, new_conversations
+
+    assert new_conversations(48, 0.01) == 4  # a tiny changed file: the floor
+    assert new_conversations(48, 0.25) == 12  # a quarter of the corpus: a quarter of a full plan
+    assert _replay_count(40, 4) == 8 and _replay_count(40, 12) == 12  # replayed beside them: as many, 8 at least
+    assert _replay_count(200, 0) == 20  # no new conversations: a tenth of the reused ones

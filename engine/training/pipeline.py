@@ -360,7 +360,7 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
     if plan.kind == "incremental":
         what = (f"incremental from v{plan.from_version}: {plan.reused} conversations reused, {plan.new} new about "
                 f"{len(plan.changed_files)} changed file(s)")
-        n_train = cfg.train_examples(plan.new + min(plan.reused, _replay_count(plan.reused, plan.new, cfg)))
+        n_train = cfg.train_examples(plan.new + min(plan.reused, _replay_count(plan.reused, plan.new)))
         steps = cfg.steps or max(1, math.ceil(n_train / cfg.batch_size))
     else:
         scaled = "" if cfg.conversations_per_ktok <= 0 else (
@@ -445,17 +445,28 @@ def make_plan(db, corpus: dict, row: dict, lm, cfg: TrainConfig, documents, incr
         return full  # a corpus-wide teacher saw the changed files in most answers: train afresh
     tokens = {f["path"]: f["tokens"] for f in registry.version_files(db, row["id"])}
     share = sum(tokens.get(p, 0) for p in changed) / max(1, sum(tokens.values()))
-    n_new = 0 if not changed else max(cfg.batch_size, math.ceil(total * share))
+    n_new = 0 if not changed else new_conversations(total, share)
     return Plan("incremental", len(reused) + n_new, prev["number"], len(reused), n_new, changed)
+
+
+# An incremental retrain writes at least this many new conversations about its changed files, and replays
+# at least twice as many reused ones, whatever the batch size: a tiny edit still gets a few questions.
+MIN_NEW_CONVERSATIONS = 4
+
+
+def new_conversations(total: int, share: float) -> int:
+    """New conversations for changed files holding `share` of the corpus's tokens, out of a full plan's `total`."""
+    return max(MIN_NEW_CONVERSATIONS, math.ceil(total * share))
 
 
 def _replay(kept: list, n_fresh: int, cfg: TrainConfig) -> list:
     """A seeded sample of reused conversations trained beside the new ones (as many), so old knowledge is refreshed."""
-    return random.Random(cfg.seed).sample(kept, min(len(kept), _replay_count(len(kept), n_fresh, cfg)))
+    return random.Random(cfg.seed).sample(kept, min(len(kept), _replay_count(len(kept), n_fresh)))
 
 
-def _replay_count(n_kept: int, n_fresh: int, cfg: TrainConfig) -> int:
-    return max(n_fresh, cfg.batch_size * 2) if n_fresh else max(cfg.batch_size * 2, n_kept // 10)
+def _replay_count(n_kept: int, n_fresh: int) -> int:
+    floor = 2 * MIN_NEW_CONVERSATIONS
+    return max(n_fresh, floor) if n_fresh else max(floor, n_kept // 10)
 
 
 def with_passages(db, row: dict, conversations: list, cfg: TrainConfig, tokenizer) -> list:
