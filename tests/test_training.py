@@ -152,6 +152,7 @@ def test_presets_and_overrides():
     assert set(PRESETS) == {"demo", "quick", "standard", "thorough"}
     cfg = PRESETS["quick"].replace(p=64, steps=None)
     assert cfg.p == 64 and PRESETS["quick"].p == 128 and PRESETS["quick"].max_p == 1024
+    assert PRESETS["quick"].ema == 0.98 and PRESETS["demo"].ema == 0.0  # quick keeps the moving average
     assert TrainConfig(batch_size=4).total_steps(10) == 3
     with pytest.raises(Exception):
         PRESETS["quick"].replace(nonsense=1)
@@ -169,3 +170,36 @@ def test_loss_same_without_mask_logits_to_keep(monkeypatch):
     with_mask = distill_loss(peft_model, batch, off)
     monkeypatch.setattr(training, "_MASK_LOGITS_OK", False)
     torch.testing.assert_close(distill_loss(peft_model, batch, off), with_mask)
+
+
+def test_the_moving_average_is_the_state_handed_back_and_survives_a_resume(tmp_path):
+    lm = shared_tiny_lm()
+    convs = teacher_conversations(lm)
+    cfg = TrainConfig(p=8, steps=4, batch_size=2, checkpoint_every=2, seed=1, lr=0.05)
+
+    plain = create_cartridge_model(lm, 8, CORPUS)
+    start = plain.prompt_encoder["default"].trainable_embedding.detach().clone()
+    states = []
+    distill(plain, lm, convs, cfg,
+            on_step=lambda m: states.append(plain.prompt_encoder["default"].trainable_embedding.detach().clone()))
+    expected = start
+    for state in states:
+        expected = 0.5 * expected + 0.5 * state
+    assert not torch.allclose(expected, states[-1], atol=1e-4)  # the average is not the last state
+
+    averaged = create_cartridge_model(lm, 8, CORPUS)
+    distill(averaged, lm, convs, cfg.replace(ema=0.5))
+    torch.testing.assert_close(averaged.prompt_encoder["default"].trainable_embedding.detach(), expected,
+                               atol=1e-5, rtol=1e-4)
+
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    first = create_cartridge_model(lm, 8, CORPUS)
+    assert distill(first, lm, convs, cfg.replace(ema=0.5), checkpoint_dir=tmp_path, should_stop=stop_after_three).stopped
+    resumed = create_cartridge_model(lm, 8, "a different init: the checkpoint must overwrite it")
+    distill(resumed, lm, convs, cfg.replace(ema=0.5), checkpoint_dir=tmp_path, resume=True)
+    torch.testing.assert_close(cartridge_embeddings(resumed), cartridge_embeddings(averaged), atol=1e-5, rtol=1e-4)
