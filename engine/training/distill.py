@@ -143,7 +143,8 @@ class TrainConfig:
 # Batches of 2 rather than 4 (the same examples in twice the steps; held-out scoring every 64 steps, as often as
 # before): on the sample 84.6% of icl's NLL gain over three seeds against 80.6% (26 of 108 answers right against
 # 28), on four untouched folders 82.2% against 80.1% (26 of 100 right against 23); see the README. Timed side by
-# side on a 2-core CPU, a step of 2 takes half a step of 4, though whole runs took 9-72% longer (see the README).
+# side on a 2-core CPU, a step of 2 takes half a step of 4. Whole runs first took 9-72% longer than with batches
+# of 4; repeated (with the moving average below) they took -6% to +17%, so most of that was the machine.
 # The moving average of the cartridge (0.98 per step, over about the last 50 steps) is scored and kept rather
 # than its last state: on the same conversations, 35 of the sample's 108 answers right over three seeds against
 # 26 (icl 33) at about the same NLL (84.1% of icl's gain against 84.6%), and 30 of 100 against 26 on four
