@@ -120,6 +120,23 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert len(list(tmp_path.glob("ckpt-*.safetensors"))) == 1
 
 
+def test_checkpoints_wait_for_their_minimum_interval(tmp_path):
+    """checkpoint_every counts steps; checkpoint_min_s keeps fast steps from writing a checkpoint each time."""
+    lm = shared_tiny_lm()
+    convs = teacher_conversations(lm)
+    seen = {}
+    for label, min_s in (("every", 0.0), ("spaced", 3600.0)):
+        folder = tmp_path / label
+        cfg = TrainConfig(p=8, steps=3, batch_size=2, checkpoint_every=1, checkpoint_min_s=min_s, seed=1)
+        files = []
+        distill(create_cartridge_model(lm, 8, CORPUS), lm, convs, cfg, checkpoint_dir=folder,
+                on_step=lambda m, folder=folder, files=files: files.append(sorted(p.name for p in folder.glob("ckpt-*"))))
+        seen[label] = files
+    # on_step comes before the step's checkpoint, so each call sees the one of the step before
+    assert seen["every"] == [[], ["ckpt-0000001.safetensors"], ["ckpt-0000002.safetensors"]]
+    assert seen["spaced"] == [[], [], []]
+
+
 def test_resume_refuses_other_frozen_count(tmp_path):
     from engine.errors import UserError
     from peft import get_peft_model
@@ -153,6 +170,7 @@ def test_presets_and_overrides():
     cfg = PRESETS["quick"].replace(p=64, steps=None)
     assert cfg.p == 64 and PRESETS["quick"].p == 128 and PRESETS["quick"].max_p == 1024
     assert PRESETS["quick"].ema == 0.98 and PRESETS["demo"].ema == 0.0  # quick keeps the moving average
+    assert PRESETS["quick"].checkpoint_min_s == 60.0 and PRESETS["demo"].checkpoint_min_s == 0.0
     assert TrainConfig(batch_size=4).total_steps(10) == 3
     with pytest.raises(Exception):
         PRESETS["quick"].replace(nonsense=1)
