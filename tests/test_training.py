@@ -128,10 +128,9 @@ def test_checkpoints_wait_for_their_minimum_interval(tmp_path):
     for label, min_s in (("every", 0.0), ("spaced", 3600.0)):
         folder = tmp_path / label
         cfg = TrainConfig(p=8, steps=3, batch_size=2, checkpoint_every=1, checkpoint_min_s=min_s, seed=1)
-        files = []
+        seen[label] = files = []
         distill(create_cartridge_model(lm, 8, CORPUS), lm, convs, cfg, checkpoint_dir=folder,
-                on_step=lambda m, folder=folder, files=files: files.append(sorted(p.name for p in folder.glob("ckpt-*"))))
-        seen[label] = files
+                on_step=lambda m, folder=folder, files=files: files.append(sorted(f.name for f in folder.glob("ckpt-*"))))
     # on_step comes before the step's checkpoint, so each call sees the one of the step before
     assert seen["every"] == [[], ["ckpt-0000001.safetensors"], ["ckpt-0000002.safetensors"]]
     assert seen["spaced"] == [[], [], []]
