@@ -290,10 +290,11 @@ def test_a_new_user_clicks_through_every_tab(browser, tmp_path, monkeypatch):
         no_error_toast(driver)
         time.sleep(1)
         shot(driver, "7-evaluate")
-        # A stream the page itself closed (Gradio's client logs "AbortError: signal is aborted" or "Connection
-        # errored out" for it, more often on a loaded CPU) is no app error; app errors show as toasts, checked above.
+        # A stream the page itself closed is no app error: Gradio's client logs it as an AbortError ("signal is
+        # aborted", "BodyStreamBuffer was aborted") or "Connection errored out", more often on a loaded CPU. App
+        # errors show as toasts, checked above.
         logged = driver.get_log("browser")
         assert not [e for e in logged if e.get("level") == "SEVERE"
                     and "favicon" not in e.get("message", "")
-                    and "AbortError: signal is aborted" not in e.get("message", "")
+                    and "AbortError" not in e.get("message", "")
                     and "Connection errored out" not in e.get("message", "")], logged
