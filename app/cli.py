@@ -221,8 +221,12 @@ def cmd_chat(args) -> None:
     from engine.store import registry
 
     db = registry.open_registry()
-    chat = inference.open_chat(db, args.corpus, version=args.version, mode=args.mode, model=args.model,
+    mode = args.mode or inference.default_mode(db, args.corpus, version=args.version)
+    chat = inference.open_chat(db, args.corpus, version=args.version, mode=mode, model=args.model,
                                device=args.device, engine=args.engine, rag_tokens=args.rag_tokens)
+    if mode != args.mode and mode == "cartridge+rag" and not args.json:
+        print("cartridge+rag: a folder longer than the model's context answers better with retrieved passages "
+              "beside its cartridge (--mode cartridge for the cartridge alone)", file=sys.stderr)
     if args.prompt is not None:
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
         reply = chat.reply([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_tokens,
@@ -234,7 +238,7 @@ def cmd_chat(args) -> None:
             _print_sources(reply)
         return
     names = ", ".join(args.corpus)
-    print(f"chatting with {names} ({args.mode}); an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    print(f"chatting with {names} ({mode}); an empty line or Ctrl-D ends the chat", file=sys.stderr)
     history: list[dict] = []
     while True:
         try:
@@ -462,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with one or more corpora (cartridges composed)")
     p.add_argument("corpus", nargs="+")
     p.add_argument("--version", type=int, help="version to use (one corpus only; default: current)")
-    p.add_argument("--mode", default="cartridge", choices=["cartridge", "icl", "none", "rag", "cartridge+rag"],
-                   help="rag: passages found for each question; cartridge+rag: the cartridge plus those passages")
+    p.add_argument("--mode", choices=["cartridge", "icl", "none", "rag", "cartridge+rag"],
+                   help="rag: passages found for each question; cartridge+rag: the cartridge plus those passages "
+                        "(default: cartridge, or cartridge+rag for a folder longer than the model's context)")
     p.add_argument("--rag-tokens", type=int, metavar="N",
                    help="token budget of the retrieved passages (default: the cartridge's p)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive)")

@@ -97,8 +97,10 @@ def cartridge_card(names: list[str], version: int | None) -> str:
             shown = ", ".join(html.escape(f) for f in files[:6]) + (f" and {len(files) - 6} more" if len(files) > 6 else "")
             score = f" · held-out score **{row['heldout']:.0%}**" if row.get("heldout") is not None else ""
             trained = f" · trained {when(run['finished'])}" if run and run.get("finished") else ""
+            beyond = "" if library.icl_fits(int(row["tokens"] or 0)) else (
+                "\n\nLonger than the model's context: *Cartridge + retrieved passages* answers its facts best.")
             lines.append(f"**{html.escape(name)}** v{row['number']}{trained}{score} · {row['tokens']:,} tokens in "
-                         f"{len(files)} file{'s' if len(files) != 1 else ''}: {shown}")
+                         f"{len(files)} file{'s' if len(files) != 1 else ''}: {shown}{beyond}")
     return "\n\n".join(lines)
 
 
@@ -179,6 +181,8 @@ def build(ctx) -> dict:
                 stop = gr.Button("■ Stop", size="sm", elem_id="stop-btn")
                 regenerate = gr.Button("↻ Regenerate", size="sm", elem_id="regen-btn")
     chat_id = gr.Number(value=None, visible=False, precision=0)
+    # The mode follows the picked corpora (inference.default_mode) until the user picks one or opens a chat.
+    mode_auto = gr.State(True)
 
     # -- streaming --
 
@@ -297,7 +301,7 @@ def build(ctx) -> dict:
     def do_open(cid):
         cid = _chat_id(cid)
         if not cid:
-            return [], None, "", gr.skip(), gr.skip(), gr.update(value=None, interactive=False)
+            return [], None, "", gr.skip(), gr.skip(), gr.update(value=None, interactive=False), gr.skip()
         with open_db() as db:
             chat = registry.get_chat(db, cid)
         names = corpus_names()
@@ -305,7 +309,19 @@ def build(ctx) -> dict:
         last = _last_answer(chat)
         mode_ = last["mode"] if last else chat["mode"]
         return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=answered_from(chat)),
-                mode_, gr.update(value=export_path(chat), interactive=True))
+                mode_, gr.update(value=export_path(chat), interactive=True), False)
+
+    def follow_corpora(names, version_, auto):
+        """The default mode for the picked corpora, while the user has not chosen one."""
+        if not auto or not names:
+            return gr.skip()
+        from engine.serve.inference import default_mode
+
+        try:
+            with open_db() as db:
+                return default_mode(db, list(names), version=parse_version(version_))
+        except UserError:
+            return gr.skip()  # a corpus that is gone: the card says so
 
     def do_new():
         return [], None, "", gr.update(value=None), gr.update(value=None, interactive=False), ""
@@ -368,7 +384,11 @@ def build(ctx) -> dict:
                    api_name="cartridge_card", api_visibility="undocumented", show_progress="hidden")
     version.change(lambda n, v: cartridge_card(n or [], parse_version(v)), [corpora, version], card,
                    api_visibility="undocumented", show_progress="hidden")
-    chat_pick.input(do_open, chat_pick, [chatbot, chat_id, title, corpora, mode, export], api_name="open_chat")
+    corpora.change(follow_corpora, [corpora, version, mode_auto], mode, api_name="chat_mode",
+                   api_visibility="undocumented", show_progress="hidden")
+    mode.input(lambda: False, None, mode_auto, api_visibility="undocumented", show_progress="hidden")
+    chat_pick.input(do_open, chat_pick, [chatbot, chat_id, title, corpora, mode, export, mode_auto],
+                    api_name="open_chat")
     new_chat.click(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="new_chat")
     chatbot.clear(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="clear_chat",
                   api_visibility="undocumented")  # the chat stays saved; the page starts a new one

@@ -144,13 +144,19 @@ def test_ingest_shows_manifest_and_library(tmp_path):
         assert (root / "notes" / "one.md").is_file()
 
 
-def test_large_folder_warning(tmp_path):
+def test_large_folder_warning_and_chat_mode(tmp_path):
     root = tmp_path / "big"
     words = " ".join(f"word{i}" for i in range(4000))
     for n in range(40):
         write(root, f"part{n:02d}.md", f"# Part {n}\n{words}\n")
+    write(tmp_path / "club", "boats.md", "The club's dinghy is moored at pontoon C, berth 14.\n")
     with running_app() as (demo, client):
         summary, *_ = client.predict(str(root), "", "", api_name="/ingest")
+        client.predict(str(tmp_path / "club"), "", "", api_name="/ingest")
+        # Chat's mode follows the picked corpora: retrieved passages beside the cartridge beyond the context.
+        assert client.predict(["club"], "", api_name="/chat_mode") == "cartridge"
+        assert client.predict(["big"], "", api_name="/chat_mode") == "cartridge+rag"
+        assert client.predict(["club", "big"], "", api_name="/chat_mode") == "cartridge+rag"
     assert "far more than a cartridge trained on a CPU" in summary
     assert "does not fit the default model's context" in summary
 
