@@ -307,6 +307,7 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
     with running_app() as (demo, client):
         for folder in ("club", "garden"):
             client.predict(str(tmp_path / folder), "", "", api_name="/ingest")
+        assert client.predict(["club"], "", api_name="/chat_mode") == "cartridge"
         _, chat_id, *_ = client.predict("Where is the dinghy?", None, ["club"], "", "rag", 8, 0.0, api_name="/chat")
         _, same, *_ = client.predict("What does the shed keep?", chat_id, ["garden"], "", "rag", 8, 0.0,
                                      api_name="/chat")
@@ -317,6 +318,8 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
         assert registry.get_chat(db, plain)["corpora"] == []
         _, _, _, selected, mode, _ = client.predict(chat_id, api_name="/open_chat")
         assert selected["value"] == ["garden"] and mode == "rag"  # it goes on as its last answer was made
+        # The mode of an opened chat stays while corpora are picked; before it was opened, they chose it.
+        assert client.predict(["club"], "", api_name="/chat_mode") == {"__type__": "update"}
         # Renamed while the chat is open: the Chat tab picks the new name, not another folder.
         registry.rename_corpus(db, "garden", "allotment")
         corpora, pick, *_ = client.predict(["garden"], chat_id, api_name="/chat_tab")
