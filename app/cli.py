@@ -221,7 +221,7 @@ def cmd_chat(args) -> None:
     from engine.store import registry
 
     db = registry.open_registry()
-    mode = args.mode or inference.default_mode(db, args.corpus, version=args.version)
+    mode = inference.default_mode(db, args.corpus, version=args.version) if args.mode == "auto" else args.mode
     chat = inference.open_chat(db, args.corpus, version=args.version, mode=mode, model=args.model,
                                device=args.device, engine=args.engine, rag_tokens=args.rag_tokens)
     if mode != args.mode and mode == "cartridge+rag" and not args.json:
@@ -466,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with one or more corpora (cartridges composed)")
     p.add_argument("corpus", nargs="+")
     p.add_argument("--version", type=int, help="version to use (one corpus only; default: current)")
-    p.add_argument("--mode", choices=["cartridge", "icl", "none", "rag", "cartridge+rag"],
-                   help="rag: passages found for each question; cartridge+rag: the cartridge plus those passages "
-                        "(default: cartridge, or cartridge+rag for a folder longer than the model's context)")
+    p.add_argument("--mode", default="auto", choices=["auto", "cartridge", "icl", "none", "rag", "cartridge+rag"],
+                   help="rag: passages found for each question; cartridge+rag: the cartridge plus those passages; "
+                        "auto (default): cartridge, or cartridge+rag for a folder longer than the model's context")
     p.add_argument("--rag-tokens", type=int, metavar="N",
                    help="token budget of the retrieved passages (default: the cartridge's p)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive)")

@@ -15,7 +15,7 @@ from app.ui_common import corpus_names, guarded, keep, open_db, parse_version, v
 from engine.store import library, registry
 from engine.errors import UserError
 
-MODES = [("Cartridge", "cartridge"), ("Cartridge + retrieved passages", "cartridge+rag"),
+MODES = [("Auto", "auto"), ("Cartridge", "cartridge"), ("Cartridge + retrieved passages", "cartridge+rag"),
          ("Retrieved passages (rag)", "rag"), ("Whole folder in context (icl)", "icl"), ("No corpus (none)", "none")]
 EXPORT_DIR = Path(tempfile.mkdtemp(prefix="cartridge-chats-"))
 STREAM_EVERY_S = 0.08
@@ -98,7 +98,8 @@ def cartridge_card(names: list[str], version: int | None) -> str:
             score = f" · held-out score **{row['heldout']:.0%}**" if row.get("heldout") is not None else ""
             trained = f" · trained {when(run['finished'])}" if run and run.get("finished") else ""
             beyond = "" if library.icl_fits(int(row["tokens"] or 0)) else (
-                "\n\nLonger than the model's context: *Cartridge + retrieved passages* answers its facts best.")
+                "\n\nLonger than the model's context: *Auto* answers with the cartridge and retrieved passages, "
+                "which answer its facts best.")
             lines.append(f"**{html.escape(name)}** v{row['number']}{trained}{score} · {row['tokens']:,} tokens in "
                          f"{len(files)} file{'s' if len(files) != 1 else ''}: {shown}{beyond}")
     return "\n\n".join(lines)
@@ -151,7 +152,9 @@ def build(ctx) -> dict:
                                       elem_id="chat-corpora", info="several corpora: their cartridges are composed")
                 version = gr.Dropdown(allow_custom_value=True, label="Version", choices=[("current", "")], value="",
                                       info="pick an earlier trained version (one corpus)")
-                mode = gr.Radio(MODES, value="cartridge", label="Answer with", elem_id="chat-mode")
+                mode = gr.Radio(MODES, value="auto", label="Answer with", elem_id="chat-mode",
+                                info="Auto: the cartridge, with retrieved passages for a folder longer than the "
+                                     "model's context")
             card = gr.Markdown("*Pick a corpus to chat with.*", elem_id="chat-cartridge", elem_classes="cd-note")
             with gr.Accordion("Generation", open=False):
                 max_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max answer tokens")
@@ -181,8 +184,6 @@ def build(ctx) -> dict:
                 stop = gr.Button("■ Stop", size="sm", elem_id="stop-btn")
                 regenerate = gr.Button("↻ Regenerate", size="sm", elem_id="regen-btn")
     chat_id = gr.Number(value=None, visible=False, precision=0)
-    # The mode follows the picked corpora (inference.default_mode) until the user picks one or opens a chat.
-    mode_auto = gr.State(True)
 
     # -- streaming --
 
@@ -193,6 +194,11 @@ def build(ctx) -> dict:
         if mode_ != "none" and not names:
             raise UserError("pick at least one corpus (or answer with no corpus)")
         number = parse_version(version_) if len(names) == 1 else None
+        if mode_ == "auto":  # chosen when the question is sent: the corpora may have changed since
+            from engine.serve.inference import default_mode
+
+            with open_db() as db:
+                mode_ = default_mode(db, names, version=number)
         pending = shown + [{"role": "assistant", "content": "…"}]
         yield pending, gr.skip(), "", gr.skip(), gr.skip(), gr.skip()
         try:
@@ -301,7 +307,7 @@ def build(ctx) -> dict:
     def do_open(cid):
         cid = _chat_id(cid)
         if not cid:
-            return [], None, "", gr.skip(), gr.skip(), gr.update(value=None, interactive=False), gr.skip()
+            return [], None, "", gr.skip(), gr.skip(), gr.update(value=None, interactive=False)
         with open_db() as db:
             chat = registry.get_chat(db, cid)
         names = corpus_names()
@@ -309,19 +315,7 @@ def build(ctx) -> dict:
         last = _last_answer(chat)
         mode_ = last["mode"] if last else chat["mode"]
         return (chat_display(chat), cid, chat["title"], gr.update(choices=names, value=answered_from(chat)),
-                mode_, gr.update(value=export_path(chat), interactive=True), False)
-
-    def follow_corpora(names, version_, auto):
-        """The default mode for the picked corpora, while the user has not chosen one."""
-        if not auto or not names:
-            return gr.skip()
-        from engine.serve.inference import default_mode
-
-        try:
-            with open_db() as db:
-                return default_mode(db, list(names), version=parse_version(version_))
-        except UserError:
-            return gr.skip()  # a corpus that is gone: the card says so
+                mode_, gr.update(value=export_path(chat), interactive=True))
 
     def do_new():
         return [], None, "", gr.update(value=None), gr.update(value=None, interactive=False), ""
@@ -384,11 +378,7 @@ def build(ctx) -> dict:
                    api_name="cartridge_card", api_visibility="undocumented", show_progress="hidden")
     version.change(lambda n, v: cartridge_card(n or [], parse_version(v)), [corpora, version], card,
                    api_visibility="undocumented", show_progress="hidden")
-    corpora.change(follow_corpora, [corpora, version, mode_auto], mode, api_name="chat_mode",
-                   api_visibility="undocumented", show_progress="hidden")
-    mode.input(lambda: False, None, mode_auto, api_visibility="undocumented", show_progress="hidden")
-    chat_pick.input(do_open, chat_pick, [chatbot, chat_id, title, corpora, mode, export, mode_auto],
-                    api_name="open_chat")
+    chat_pick.input(do_open, chat_pick, [chatbot, chat_id, title, corpora, mode, export], api_name="open_chat")
     new_chat.click(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="new_chat")
     chatbot.clear(do_new, None, [chatbot, chat_id, title, chat_pick, export, message], api_name="clear_chat",
                   api_visibility="undocumented")  # the chat stays saved; the page starts a new one

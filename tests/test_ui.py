@@ -145,6 +145,9 @@ def test_ingest_shows_manifest_and_library(tmp_path):
 
 
 def test_large_folder_warning_and_chat_mode(tmp_path):
+    from engine.serve.inference import default_mode
+    from engine.store import registry
+
     root = tmp_path / "big"
     words = " ".join(f"word{i}" for i in range(4000))
     for n in range(40):
@@ -153,10 +156,12 @@ def test_large_folder_warning_and_chat_mode(tmp_path):
     with running_app() as (demo, client):
         summary, *_ = client.predict(str(root), "", "", api_name="/ingest")
         client.predict(str(tmp_path / "club"), "", "", api_name="/ingest")
-        # Chat's mode follows the picked corpora: retrieved passages beside the cartridge beyond the context.
-        assert client.predict(["club"], "", api_name="/chat_mode") == "cartridge"
-        assert client.predict(["big"], "", api_name="/chat_mode") == "cartridge+rag"
-        assert client.predict(["club", "big"], "", api_name="/chat_mode") == "cartridge+rag"
+        # Auto, chat's default mode: retrieved passages beside the cartridge for a folder beyond the context.
+        db = registry.open_registry()
+        assert default_mode(db, ["club"]) == "cartridge" and default_mode(db, ["big"]) == "cartridge+rag"
+        assert default_mode(db, ["club", "big"]) == "cartridge+rag"
+        assert "no trained cartridge yet" in app_error(client, "Hi", None, ["big"], "", "auto", 8, 0.0,
+                                                       api_name="/chat")
     assert "far more than a cartridge trained on a CPU" in summary
     assert "does not fit the default model's context" in summary
 
@@ -228,13 +233,13 @@ def test_ingest_train_chat_history_eval(tmp_path):
         assert card.startswith("**sample** v1 · trained ") and " files: equipment.md, faq.md" in card
 
         # a streamed answer, saved with what answered and how fast
-        streaming = client.submit("What are the opening hours on Saturday?", None, ["sample"], "", "cartridge", 24,
+        streaming = client.submit("What are the opening hours on Saturday?", None, ["sample"], "", "auto", 24,
                                   0.0, api_name="/chat")
         chatbot, chat_id, *_ = streaming.result(timeout=300)
         assert len(streaming.outputs()) >= 3  # placeholder, pieces, final
         assert [m["role"] for m in chatbot] == ["user", "assistant"]
         answer = text_of(chatbot[1])
-        assert "sample v1 (cartridge)" in answer and "first token" in answer and "tokens/s" in answer
+        assert "sample v1 (cartridge)" in answer and "first token" in answer and "tokens/s" in answer  # auto: it fits
 
         # a follow-up in the same chat, with no corpus for comparison
         chatbot, same_id, *_ = client.predict("And on Sunday?", chat_id, [], "", "none", 16, 0.0, api_name="/chat")
@@ -307,7 +312,6 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
     with running_app() as (demo, client):
         for folder in ("club", "garden"):
             client.predict(str(tmp_path / folder), "", "", api_name="/ingest")
-        assert client.predict(["club"], "", api_name="/chat_mode") == "cartridge"
         _, chat_id, *_ = client.predict("Where is the dinghy?", None, ["club"], "", "rag", 8, 0.0, api_name="/chat")
         _, same, *_ = client.predict("What does the shed keep?", chat_id, ["garden"], "", "rag", 8, 0.0,
                                      api_name="/chat")
@@ -318,8 +322,6 @@ def test_a_chat_is_removed_with_every_corpus_it_answered_from(tmp_path):
         assert registry.get_chat(db, plain)["corpora"] == []
         _, _, _, selected, mode, _ = client.predict(chat_id, api_name="/open_chat")
         assert selected["value"] == ["garden"] and mode == "rag"  # it goes on as its last answer was made
-        # The mode of an opened chat stays while corpora are picked; before it was opened, they chose it.
-        assert client.predict(["club"], "", api_name="/chat_mode") == {"__type__": "update"}
         # Renamed while the chat is open: the Chat tab picks the new name, not another folder.
         registry.rename_corpus(db, "garden", "allotment")
         corpora, pick, *_ = client.predict(["garden"], chat_id, api_name="/chat_tab")
