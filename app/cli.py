@@ -224,7 +224,7 @@ def cmd_chat(args) -> None:
     mode = inference.default_mode(db, args.corpus, version=args.version) if args.mode == "auto" else args.mode
     chat = inference.open_chat(db, args.corpus, version=args.version, mode=mode, model=args.model,
                                device=args.device, engine=args.engine, rag_tokens=args.rag_tokens)
-    if mode != args.mode and mode == "cartridge+rag" and not args.json:
+    if args.mode == "auto" and mode == "cartridge+rag" and not args.json:
         print("cartridge+rag: a folder longer than the model's context answers better with retrieved passages "
               "beside its cartridge (--mode cartridge for the cartridge alone)", file=sys.stderr)
     if args.prompt is not None:

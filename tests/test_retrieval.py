@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli, write
+from conftest import TINY_TRAIN, run_cli, write
 from engine.store import registry
 from engine.corpus.ingest import ingest
 from engine.corpus.retrieval import RAG_SYSTEM_PROMPT, retrieve, search, split_passages
@@ -85,6 +85,17 @@ def test_a_corpus_beyond_the_context_skips_icl_and_reports_the_rest(tmp_path, ca
     proc = run_cli("chat", "big", "--mode", "icl", "--prompt", "hi", env_home=cartridge_home)
     assert proc.returncode == 2 and "does not fit the model's context" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+    # auto, chat's default, answers a folder beyond the context with its cartridge and the passages, and says so
+    assert run_cli("train", "big", *TINY_TRAIN, env_home=cartridge_home).returncode == 0
+    proc = run_cli("chat", "big", "--prompt", "When does the night ferry to Skerra leave?", "--max-tokens", "8",
+                   "--rag-tokens", "120", env_home=cartridge_home)  # the tiny cartridge's p=16 holds no passage
+    assert proc.returncode == 0, proc.stderr
+    assert "cartridge+rag: a folder longer than the model's context" in proc.stderr
+    assert "[cartridge+rag, first token" in proc.stderr and "[sources: ferry.md:1-1" in proc.stderr
+    from app.ui_chat import cartridge_card
+
+    assert "Longer than the model's context: *Auto*" in cartridge_card(["big"], None)
 
 
 class Template:
