@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the self-study teacher sees: the whole corpus (a window when too long) or the chunk")
     p.add_argument("--init", choices=["first", "spread", "attention"],
                    help="start from the corpus's first p tokens, from excerpts spread across it, or from the KV of "
-                        "the corpus read whole, the p positions each head attends to most (quick's default)")
+                        "the corpus read whole (in windows beyond the model's context), the p positions each head attends "
+                        "to most (quick's default)")
     p.add_argument("--verbatim", type=float, metavar="X",
                    help="quoting conversations (the folder's own words) trained per self-study one (default: the "
                         "preset's; 0 for none)")

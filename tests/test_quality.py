@@ -296,3 +296,48 @@ def test_attention_initialisation_keeps_each_heads_most_attended_positions():
             torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)
     assert attention_selected(lm, sampler.text, len(ids) + 1) is None  # shorter than p: nothing to select
     torch.testing.assert_close(init_embeddings(lm, sampler, p, "attention"), picked)
+
+
+def test_a_corpus_beyond_the_context_starts_from_its_windows_most_attended_positions():
+    """Longer than the model's context, the corpus is read in equal windows that fit it. Each window gives its
+    share of p, in reading order: its most attended positions per KV head, keys rotated to their place in the
+    cartridge. The first window keeps the attention sink, the later ones never their copy of the prompt's
+    opening."""
+    import dataclasses
+
+    from engine.cartridge.format import init_embeddings, prefix_embeddings
+    from engine.cartridge.kv_select import (corpus_ids, fits, rerotate, template_prefix,
+                                            windowed_attention_selected, windows)
+    from engine.corpus.chunks import ChunkSampler, Document
+
+    assert windows(10, 4) == [(0, 3), (3, 7), (7, 10)] and windows(8, 4) == [(0, 4), (4, 8)]
+    assert windows(3, 4) == [(0, 3)]
+    lm = dataclasses.replace(shared_tiny_lm(), max_positions=384)
+    sampler = ChunkSampler([Document("ferry.md", "0" * 64, "The ferry leaves at nine from pier four. " * 30),
+                            Document("bus.md", "1" * 64, "The night bus stops at the mill at ten past one. " * 30)])
+    assert not fits(lm, len(corpus_ids(lm, sampler.text)))
+    p, skip = 30, template_prefix(lm)
+    ranges = windows(sampler.n_tokens, lm.max_positions - 256)
+    assert len(ranges) >= 3 and ranges[0][0] == 0 and ranges[-1][1] == sampler.n_tokens
+    picked = windowed_attention_selected(lm, sampler, p)
+    assert picked.shape[0] == p
+    torch.testing.assert_close(init_embeddings(lm, sampler, p, "attention"), picked)
+    packed = picked.view(p, lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+    inv_freq = lm.model.model.rotary_emb.inv_freq.float()
+    bounds = [round(i * p / len(ranges)) for i in range(len(ranges) + 1)]
+    for index, (lo, hi) in enumerate(ranges):
+        ids = corpus_ids(lm, sampler.span(lo, hi - lo).text)
+        assert len(ids) <= lm.max_positions
+        whole = prefix_embeddings(lm, ids)
+        full = whole.view(len(ids), lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+        block = packed[bounds[index]:bounds[index + 1]]
+        if index == 0:
+            torch.testing.assert_close(picked[0], whole[0], atol=1e-4, rtol=1e-4)  # the sink stays first
+        places = torch.arange(bounds[index], bounds[index + 1])
+        for layer in range(1, lm.n_layers):
+            for head in range(lm.n_kv_heads):
+                rows = [int((full[:, layer, 1, head] - v).abs().sum(-1).argmin()) for v in block[:, layer, 1, head]]
+                assert rows == sorted(rows) and len(set(rows)) == len(rows)
+                assert index == 0 or min(rows) >= skip
+                back = rerotate(block[:, layer, 0, head], places, torch.tensor(rows), inv_freq)
+                torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)

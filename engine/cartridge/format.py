@@ -96,13 +96,16 @@ def prefix_embeddings(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
 def init_embeddings(lm: LoadedModel, sampler, p: int, how: str = "first") -> torch.Tensor:
     """The untrained cartridge: the KV of the corpus's first p tokens ("first"), of excerpts from across it
     ("spread"), or of the p positions per KV head that the corpus read whole attends to most ("attention",
-    see engine.cartridge.kv_select; spread for a corpus too long to read whole)."""
+    see engine.cartridge.kv_select; read in windows for a corpus longer than the model's context, and spread
+    for one shorter than p)."""
     if how == "attention":
-        from engine.cartridge.kv_select import attention_selected
+        from engine.cartridge.kv_select import attention_selected, corpus_ids, fits, windowed_attention_selected
 
         selected = attention_selected(lm, sampler.text, p)
         if selected is not None:
             return selected
+        if not fits(lm, len(corpus_ids(lm, sampler.text))):
+            return windowed_attention_selected(lm, sampler, p)
         how = "spread"
     return prefix_embeddings(lm, init_ids(lm, p, corpus_init_text(sampler, p, how)))
 

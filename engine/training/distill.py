@@ -67,7 +67,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to a tenth
     warmup: float = 0.05  # share of the steps spent warming up (cosine schedule)
     init: str = "first"  # cartridge start: KV of the corpus's "first" p tokens, of excerpts "spread" across it,
-    # or the "attention"-selected KV of the corpus read whole (see engine.cartridge.kv_select)
+    # or the "attention"-selected KV of the corpus read whole, or in windows beyond the context (engine.cartridge.kv_select)
     heldout: float = 0.1  # share of conversations kept out of training to score the cartridge
     eval_every: int = 12  # steps between held-out scorings (the best state is kept)
     # quoting conversations (the corpus's own words, see engine.selfstudy.verbatim) per self-study one trained

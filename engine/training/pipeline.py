@@ -347,7 +347,8 @@ class Plan:
 # tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
 # the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s, and
 # ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s in fp32 on that CPU). It grows
-# with the square of the length.
+# with the square of the length: a corpus beyond the context is read in windows (orjson's README, 13,613 tokens in
+# two windows: 43 s).
 # Used for the estimate shown before a run.
 CPU_SYNTHESIS_S = {"chunk": 1.7, "conversation": 1.8}
 CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.75}
@@ -374,8 +375,9 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         per_conversation = CPU_SYNTHESIS_S["conversation"] + CPU_SYNTHESIS_S["chunk"] / cfg.chunk_questions
         minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
-        if cfg.init == "attention" and plan.kind == "full" and corpus_tokens < 8192:  # longer: excerpts, no cost
-            minutes += CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / 5000) ** 2 / 60
+        if cfg.init == "attention" and plan.kind == "full":  # longer than the context: read in windows
+            windows = math.ceil(corpus_tokens / (8192 - 256))
+            minutes += windows * CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / windows / 5000) ** 2 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
 
