@@ -154,8 +154,8 @@ def windows(n_tokens: int, size: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def windowed_attention_selected(lm: LoadedModel, sampler, p: int, margin: int = 256) -> torch.Tensor:
     """For a corpus too long to read whole: the model reads it in equal windows that fit its context, each
-    in the teacher's prompt, and each window gives its share of the p positions (by its tokens) that its
-    own tokens attended to most, per KV head, in reading order. The first window keeps the attention sink;
+    in the teacher's prompt, and each window gives an equal share of the p positions: those its own tokens
+    attended to most, per KV head, in reading order. The first window keeps the attention sink;
     the others never keep their copy of the prompt's opening."""
     ranges = windows(sampler.n_tokens, lm.max_positions - margin)
     bounds = [round(i * p / len(ranges)) for i in range(len(ranges) + 1)]  # equal windows, equal shares
