@@ -279,9 +279,9 @@ def test_attention_initialisation_keeps_each_heads_most_attended_positions():
     ids = corpus_ids(lm, sampler.text)
     whole = prefix_embeddings(lm, ids)
     # Every position kept: nothing moves, so it is the corpus's own KV.
-    torch.testing.assert_close(attention_selected(lm, sampler.text, len(ids)), whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(attention_selected(lm, sampler, len(ids)), whole, atol=1e-4, rtol=1e-4)
     p = 24
-    picked = attention_selected(lm, sampler.text, p)
+    picked = attention_selected(lm, sampler, p)
     assert picked.shape == (p, whole.shape[1])
     torch.testing.assert_close(picked[0], whole[0], atol=1e-4, rtol=1e-4)  # the sink stays first
     # Values are the corpus's own, per head, in corpus order; keys are rotated to positions 0..p-1.
@@ -294,7 +294,7 @@ def test_attention_initialisation_keeps_each_heads_most_attended_positions():
             assert rows == sorted(rows) and len(set(rows)) == p
             back = rerotate(packed[:, layer, 0, head], torch.arange(p), torch.tensor(rows), inv_freq)
             torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)
-    assert attention_selected(lm, sampler.text, len(ids) + 1) is None  # shorter than p: nothing to select
+    assert attention_selected(lm, sampler, len(ids) + 1) is None  # shorter than p: nothing to select
     torch.testing.assert_close(init_embeddings(lm, sampler, p, "attention"), picked)
 
 

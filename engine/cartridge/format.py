@@ -99,13 +99,11 @@ def init_embeddings(lm: LoadedModel, sampler, p: int, how: str = "first") -> tor
     see engine.cartridge.kv_select; read in windows for a corpus longer than the model's context, and spread
     for one shorter than p)."""
     if how == "attention":
-        from engine.cartridge.kv_select import attention_selected, corpus_ids, fits, windowed_attention_selected
+        from engine.cartridge.kv_select import attention_selected
 
-        selected = attention_selected(lm, sampler.text, p)
+        selected = attention_selected(lm, sampler, p)
         if selected is not None:
             return selected
-        if not fits(lm, len(corpus_ids(lm, sampler.text))):
-            return windowed_attention_selected(lm, sampler, p)
         how = "spread"
     return prefix_embeddings(lm, init_ids(lm, p, corpus_init_text(sampler, p, how)))
 

@@ -23,6 +23,8 @@ from engine.engines.models import LoadedModel, chat_ids, context_system_prompt
 
 # Attention scores are computed for this many queries at a time, so that no layer's T x T matrix is held.
 QUERY_CHUNK = 512
+# A window of a corpus beyond the context leaves this many of the context's positions to the teacher's prompt.
+WINDOW_MARGIN = 256
 
 
 def corpus_ids(lm: LoadedModel, corpus_text: str) -> list[int]:
@@ -128,12 +130,14 @@ def _as_cartridge(packed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_selected(lm: LoadedModel, corpus_text: str, p: int) -> torch.Tensor | None:
+def attention_selected(lm: LoadedModel, sampler, p: int) -> torch.Tensor | None:
     """Cartridge embeddings ([p, layers*2*heads*head_dim]) of the p most attended corpus positions per
-    KV head, the first (the attention sink) always among them; None when the corpus is too long to read
-    whole (or shorter than p)."""
-    ids = corpus_ids(lm, corpus_text)
-    if len(ids) < p or not fits(lm, len(ids)):
+    KV head, the first (the attention sink) always among them; the corpus is read whole, or in windows when
+    longer than the model's context (`windowed_attention_selected`). None when it is shorter than p."""
+    ids = corpus_ids(lm, sampler.text)
+    if not fits(lm, len(ids)):
+        return windowed_attention_selected(lm, sampler, p)
+    if len(ids) < p:
         return None
     return _as_cartridge(_kept(lm, ids, p, 0, 0))
 
@@ -152,12 +156,12 @@ def windows(n_tokens: int, size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def windowed_attention_selected(lm: LoadedModel, sampler, p: int, margin: int = 256) -> torch.Tensor:
+def windowed_attention_selected(lm: LoadedModel, sampler, p: int) -> torch.Tensor:
     """For a corpus too long to read whole: the model reads it in equal windows that fit its context, each
     in the teacher's prompt, and each window gives an equal share of the p positions: those its own tokens
     attended to most, per KV head, in reading order. The first window keeps the attention sink;
     the others never keep their copy of the prompt's opening."""
-    ranges = windows(sampler.n_tokens, lm.max_positions - margin)
+    ranges = windows(sampler.n_tokens, lm.max_positions - WINDOW_MARGIN)
     bounds = [round(i * p / len(ranges)) for i in range(len(ranges) + 1)]  # equal windows, equal shares
     skip = template_prefix(lm)
     parts = []

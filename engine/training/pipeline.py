@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from engine.cartridge import kv_select
 from engine.cartridge.metadata import trained_setting
 from engine.store import registry
 from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
@@ -376,7 +377,7 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
         if cfg.init == "attention" and plan.kind == "full":  # longer than the context: read in windows
-            windows = math.ceil(corpus_tokens / (8192 - 256))
+            windows = len(kv_select.windows(corpus_tokens, 8192 - kv_select.WINDOW_MARGIN))
             minutes += windows * CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / windows / 5000) ** 2 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
