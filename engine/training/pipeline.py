@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from engine.cartridge import kv_select
 from engine.cartridge.metadata import trained_setting
 from engine.store import registry
 from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
@@ -347,9 +346,10 @@ class Plan:
 # AVX512-BF16 or AMX, see engine.engines.models; 0.74 s measured at p=1,024 scaled to 576); reading the sample's 5,000
 # tokens whole for the attention initialisation ~170 s / ~75 s when it held whole attention matrices, times
 # the 0.55 its chunked scores (engine.cartridge.kv_select) took of that on one machine: ~95 s / ~40 s, and
-# ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s in fp32 on that CPU). It grows
-# with the square of the length: a corpus beyond the context is read in windows (orjson's README, 13,613 tokens in
-# two windows: 43 s).
+# ~22 s since that reading runs under bf16 autocast where the CPU has it (42 s in fp32 on that CPU). A corpus
+# beyond the context is read in windows, and the reading grows about as its tokens do (bf16: orjson's README,
+# 13,613 tokens in two windows, 43 s; termdocs, 28,744 in four, 110 s; this scaling says 60 s and 126 s, the
+# square of each window's length said 82 s and 182 s).
 # Used for the estimate shown before a run.
 CPU_SYNTHESIS_S = {"chunk": 1.7, "conversation": 1.8}
 CPU_SECONDS_PER_EXAMPLE = {"fp32": 1.8, "bf16": 0.75}
@@ -376,9 +376,8 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         per_conversation = CPU_SYNTHESIS_S["conversation"] + CPU_SYNTHESIS_S["chunk"] / cfg.chunk_questions
         minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
-        if cfg.init == "attention" and plan.kind == "full":  # longer than the context: read in windows
-            windows = len(kv_select.windows(corpus_tokens, 8192 - kv_select.WINDOW_MARGIN))
-            minutes += windows * CPU_ATTENTION_INIT_S[matmuls] * (corpus_tokens / windows / 5000) ** 2 / 60
+        if cfg.init == "attention" and plan.kind == "full":  # whole, or in windows beyond the context
+            minutes += CPU_ATTENTION_INIT_S[matmuls] * corpus_tokens / 5000 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
 
