@@ -306,7 +306,7 @@ def test_a_corpus_beyond_the_context_starts_from_its_windows_most_attended_posit
     import dataclasses
 
     from engine.cartridge.format import init_embeddings, prefix_embeddings
-    from engine.cartridge.kv_select import (corpus_ids, fits, rerotate, template_prefix,
+    from engine.cartridge.kv_select import (corpus_ids, fits, read_windows, rerotate, template_prefix,
                                             windowed_attention_selected, windows)
     from engine.corpus.chunks import ChunkSampler, Document
 
@@ -322,22 +322,30 @@ def test_a_corpus_beyond_the_context_starts_from_its_windows_most_attended_posit
     picked = windowed_attention_selected(lm, sampler, p)
     assert picked.shape[0] == p
     torch.testing.assert_close(init_embeddings(lm, sampler, p, "attention"), picked)
-    packed = picked.view(p, lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
     inv_freq = lm.model.model.rotary_emb.inv_freq.float()
-    bounds = [round(i * p / len(ranges)) for i in range(len(ranges) + 1)]
-    for index, (lo, hi) in enumerate(ranges):
-        ids = corpus_ids(lm, sampler.span(lo, hi - lo).text)
-        assert len(ids) <= lm.max_positions
-        whole = prefix_embeddings(lm, ids)
-        full = whole.view(len(ids), lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
-        block = packed[bounds[index]:bounds[index + 1]]
-        if index == 0:
-            torch.testing.assert_close(picked[0], whole[0], atol=1e-4, rtol=1e-4)  # the sink stays first
-        places = torch.arange(bounds[index], bounds[index + 1])
-        for layer in range(1, lm.n_layers):
-            for head in range(lm.n_kv_heads):
-                rows = [int((full[:, layer, 1, head] - v).abs().sum(-1).argmin()) for v in block[:, layer, 1, head]]
-                assert rows == sorted(rows) and len(set(rows)) == len(rows)
-                assert index == 0 or min(rows) >= skip
-                back = rerotate(block[:, layer, 0, head], places, torch.tensor(rows), inv_freq)
-                torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)
+
+    def check(picked, read):  # each window in `read` gave its share of p, in order
+        packed = picked.view(p, lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+        bounds = [round(i * p / len(read)) for i in range(len(read) + 1)]
+        for index, (lo, hi) in enumerate(read):
+            ids = corpus_ids(lm, sampler.span(lo, hi - lo).text)
+            assert len(ids) <= lm.max_positions
+            whole = prefix_embeddings(lm, ids)
+            full = whole.view(len(ids), lm.n_layers, 2, lm.n_kv_heads, lm.head_dim)
+            block = packed[bounds[index]:bounds[index + 1]]
+            if index == 0:
+                torch.testing.assert_close(picked[0], whole[0], atol=1e-4, rtol=1e-4)  # the sink stays first
+            places = torch.arange(bounds[index], bounds[index + 1])
+            for layer in range(1, lm.n_layers):
+                for head in range(lm.n_kv_heads):
+                    rows = [int((full[:, layer, 1, head] - v).abs().sum(-1).argmin()) for v in block[:, layer, 1, head]]
+                    assert rows == sorted(rows) and len(set(rows)) == len(rows)
+                    assert index == 0 or min(rows) >= skip
+                    back = rerotate(block[:, layer, 0, head], places, torch.tensor(rows), inv_freq)
+                    torch.testing.assert_close(back, full[rows, layer, 0, head], atol=1e-4, rtol=1e-4)
+
+    check(picked, ranges)
+    # Beyond `most` windows, `most` of them are read, evenly spaced, the first and the last among them.
+    assert read_windows(10, 1, 4) == [(0, 1), (3, 4), (6, 7), (9, 10)] and read_windows(10, 4, 3) == windows(10, 4)
+    assert read_windows(sampler.n_tokens, lm.max_positions - 256, 2) == [ranges[0], ranges[-1]]
+    check(windowed_attention_selected(lm, sampler, p, most=2), [ranges[0], ranges[-1]])

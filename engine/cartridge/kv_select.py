@@ -9,7 +9,8 @@ p=256: 53% against 32%.
 
 A corpus longer than the model's context is read in equal windows that each fit, and each window gives its
 share of the p positions (`windowed_attention_selected`): every part of the folder is represented from the
-start, where spread excerpts give each part a few contiguous tokens.
+start (up to MAX_WINDOWS windows, evenly spaced beyond that), where spread excerpts give each part a few
+contiguous tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from engine.engines.models import LoadedModel, chat_ids, context_system_prompt
 QUERY_CHUNK = 512
 # A window of a corpus beyond the context leaves this many of the context's positions to the teacher's prompt.
 WINDOW_MARGIN = 256
+# At most this many windows are read (evenly spaced through a longer corpus): each still gives p/16 positions
+# or more, and the reading stays bounded (a window took 22-28 s on a 2-core CPU; a 2M-token folder would
+# otherwise be read in about 250).
+MAX_WINDOWS = 16
 
 
 def corpus_ids(lm: LoadedModel, corpus_text: str) -> list[int]:
@@ -155,13 +160,21 @@ def windows(n_tokens: int, size: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def read_windows(n_tokens: int, size: int, most: int = MAX_WINDOWS) -> list[tuple[int, int]]:
+    """The windows that are read: all of `windows`, or `most` of them evenly spaced, first and last included."""
+    ranges = windows(n_tokens, size)
+    if len(ranges) <= most:
+        return ranges
+    return [ranges[round(i * (len(ranges) - 1) / (most - 1))] for i in range(most)]
+
+
 @torch.no_grad()
-def windowed_attention_selected(lm: LoadedModel, sampler, p: int) -> torch.Tensor:
-    """For a corpus too long to read whole: the model reads it in equal windows that fit its context, each
-    in the teacher's prompt, and each window gives an equal share of the p positions: those its own tokens
-    attended to most, per KV head, in reading order. The first window keeps the attention sink;
-    the others never keep their copy of the prompt's opening."""
-    ranges = windows(sampler.n_tokens, lm.max_positions - WINDOW_MARGIN)
+def windowed_attention_selected(lm: LoadedModel, sampler, p: int, most: int = MAX_WINDOWS) -> torch.Tensor:
+    """For a corpus too long to read whole: the model reads it in equal windows that fit its context (at most
+    `most` of them, see `read_windows`), each in the teacher's prompt, and each window gives an equal share of
+    the p positions: those its own tokens attended to most, per KV head, in reading order. The first window
+    keeps the attention sink; the others never keep their copy of the prompt's opening."""
+    ranges = read_windows(sampler.n_tokens, lm.max_positions - WINDOW_MARGIN, most)
     bounds = [round(i * p / len(ranges)) for i in range(len(ranges) + 1)]  # equal windows, equal shares
     skip = template_prefix(lm)
     parts = []

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from engine.cartridge import kv_select
 from engine.cartridge.metadata import trained_setting
 from engine.store import registry
 from engine.selfstudy.verbatim import verbatim_conversations, verbatim_count
@@ -377,7 +378,8 @@ def plan_message(plan: Plan, cfg: TrainConfig, corpus_tokens: int, device: str) 
         minutes = (to_make * per_conversation / 60
                    + steps * cfg.batch_size * CPU_SECONDS_PER_EXAMPLE[matmuls] * cfg.p / 576 / 60)
         if cfg.init == "attention" and plan.kind == "full":  # whole, or in windows beyond the context
-            minutes += CPU_ATTENTION_INIT_S[matmuls] * corpus_tokens / 5000 / 60
+            read = sum(hi - lo for lo, hi in kv_select.read_windows(corpus_tokens, 8192 - kv_select.WINDOW_MARGIN))
+            minutes += CPU_ATTENTION_INIT_S[matmuls] * read / 5000 / 60
         line += f", about {minutes:.0f} min on a 2-core CPU"
     return line
 
