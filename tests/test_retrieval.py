@@ -67,6 +67,23 @@ def test_retrieved_passages_fit_the_budget_and_chat_shows_sources(tmp_path, cart
     assert proc.returncode == 2 and "no trained cartridge yet" in proc.stderr
 
 
+def test_the_best_passage_comes_last_nearest_the_question(tmp_path, db):
+    """The prompt lists the passages from the least to the most relevant, so the best one sits right before the
+    question; the sources a reply shows stay best first."""
+    from engine.corpus.retrieval import excerpt, rag_prompt
+
+    root = tmp_path / "club"
+    write(root, "boats.md", BOATS)
+    write(root, "garden.md", GARDEN)
+    version = ingest(root, db=db).version
+    question = "Where is the dinghy moored, and does the shed keep spades?"
+    prompt, passages = rag_prompt(db, [version], question, 400, load_tokenizer(None))
+    assert len(passages) >= 2 and passages == retrieve(db, [version], question, 400, count)
+    assert passages[0].path == "boats.md"  # the best match first among the sources
+    assert prompt == RAG_SYSTEM_PROMPT.format(excerpts="".join(excerpt(p) for p in reversed(passages)).rstrip())
+    assert prompt.rstrip().endswith(passages[0].text.rstrip())
+
+
 def test_a_corpus_beyond_the_context_skips_icl_and_reports_the_rest(tmp_path, cartridge_home):
     root = tmp_path / "big"
     for i in range(12):

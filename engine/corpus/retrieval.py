@@ -4,7 +4,7 @@ Each file text is cut into passages of whole lines (about PASSAGE_CHARS characte
 content hash in the registry (`passages` + its FTS5 table), so unchanged files are not indexed again in a
 later version. A question's words (stop words dropped) are OR-ed into an FTS5 query limited to the
 version's files; the best passages fill a token budget, by default the cartridge's p, so that retrieval
-and the cartridge hold the same KV memory.
+and the cartridge hold the same KV memory. The prompt lists them best last, nearest the question.
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ def excerpt(passage: Passage) -> str:
 
 
 def rag_system_prompt(passages: list[Passage]) -> str:
-    return RAG_SYSTEM_PROMPT.format(excerpts="".join(excerpt(p) for p in passages).rstrip())
+    """The excerpts from the least to the most relevant (`passages` come best first), so that the best one
+    sits right before the question: the bundled model reads what is nearest the question best (on three
+    tuning folders, 39 of 78 answers right against 31 with the best passage first; see the README)."""
+    return RAG_SYSTEM_PROMPT.format(excerpts="".join(excerpt(p) for p in reversed(passages)).rstrip())
 
 
 def rag_prompt(db, versions: list[dict], question: str, budget_tokens: int, tokenizer) -> tuple[str, list[Passage]]:
