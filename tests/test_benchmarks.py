@@ -114,3 +114,17 @@ def test_bench_bigfolder(tmp_path, cartridge_home):
     assert doc["modes"]["none"]["kv_bytes"] < doc["modes"]["cartridge"]["kv_bytes"]
     assert doc["modes"]["rag"]["kv_bytes"] < doc["modes"]["rag 2p"]["kv_bytes"]  # twice the retrieved tokens
     assert set(doc["targets"]) == {"cartridge+rag beats rag", "cartridge+rag beats rag 2p", "cartridge beats none"}
+
+
+def test_bench_retrieval(tmp_path, cartridge_home):
+    """Whether the retrieved passages hold the expected strings: the sample's first questions at two budgets."""
+    qa = tmp_path / "qa.jsonl"
+    lines = (ASSETS / "sample_qa.jsonl").read_text().splitlines()[:4]
+    qa.write_text("\n".join(lines) + "\n" + json.dumps({"question": "Who wrote the folder?",
+                                                         "expect": ["a string the sample never holds"]}) + "\n")
+    doc = run_benchmark("bench_retrieval.py", str(ASSETS / "sample"), "--qa", str(qa), "--tokens", "16,576",
+                        "--home", str(tmp_path / "bench-home"), home=cartridge_home)
+    small, large = doc["rows"]
+    assert (small["tokens"], large["tokens"]) == (16, 576) and small["questions"] == large["questions"] == 5
+    assert small["found"] < large["found"] <= 4  # a budget of 16 tokens holds almost nothing
+    assert not large["detail"][-1]["found"] and all(d["sources"] for d in large["detail"][:4])
