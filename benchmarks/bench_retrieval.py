@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.corpus.retrieval import rag_prompt
     from engine.engines.decoding import contains_all
     from engine.engines.tokenizer import load_tokenizer
+    from engine.serve.evaluate import read_qa
     from engine.serve.inference import resolve
     from engine.store import registry
 
-    questions = [json.loads(line) for line in Path(args.qa).read_text(encoding="utf-8").splitlines() if line.strip()]
-    questions = [q for q in questions if q.get("expect")]
+    questions = [q for q in read_qa(args.qa) if q.get("expect")]
     if not questions:
         print("error: the QA file has no lines with \"expect\"", file=sys.stderr)
         return 2
@@ -77,4 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as exc:  # a bad QA file or folder: the message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

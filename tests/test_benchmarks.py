@@ -120,7 +120,7 @@ def test_bench_retrieval(tmp_path, cartridge_home):
     """Whether the retrieved passages hold the expected strings: the sample's first questions at two budgets."""
     qa = tmp_path / "qa.jsonl"
     lines = (ASSETS / "sample_qa.jsonl").read_text().splitlines()[:4]
-    qa.write_text("\n".join(lines) + "\n" + json.dumps({"question": "Who wrote the folder?",
+    qa.write_text("\n".join(lines) + "\n" + json.dumps({"question": "Who wrote the folder?", "answer": "Nobody says.",
                                                          "expect": ["a string the sample never holds"]}) + "\n")
     doc = run_benchmark("bench_retrieval.py", str(ASSETS / "sample"), "--qa", str(qa), "--tokens", "16,576",
                         "--home", str(tmp_path / "bench-home"), home=cartridge_home)
