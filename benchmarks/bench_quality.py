@@ -136,10 +136,6 @@ def format_row(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    from engine.errors import UserError
+    from engine.errors import exit_with
 
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

@@ -77,10 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from engine.errors import UserError
+    from engine.errors import exit_with
 
-    try:
-        sys.exit(main())
-    except UserError as exc:  # a bad QA file or folder: the message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)
