@@ -128,3 +128,9 @@ def test_bench_retrieval(tmp_path, cartridge_home):
     assert (small["tokens"], large["tokens"]) == (16, 576) and small["questions"] == large["questions"] == 5
     assert small["found"] < large["found"] <= 4  # a budget of 16 tokens holds almost nothing
     assert not large["detail"][-1]["found"] and all(d["sources"] for d in large["detail"][:4])
+
+    qa.write_text(lines[0] + "\nnot json\n")  # a bad QA file: one line naming it, exit status 2, no traceback
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_retrieval.py"), str(ASSETS / "sample"),
+                           "--qa", str(qa), "--home", str(tmp_path / "bench-home")],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {qa}:2: expected {{\"question\": ..., \"answer\": ...}}"
